@@ -1,0 +1,16 @@
+"""hf_archs: the open-weight LLM architectures of 2025 as transformers plugins.
+
+`import hf_archs` registers every architecture with AutoConfig / AutoModel / AutoModelForCausalLM under
+`hfa_<name>`; `hf_archs.from_official(path)` loads an official release directory strictly.
+"""
+
+from .errors import CheckpointError, ConfigError, InputError
+from .official import config_from_official, from_official
+from .registry import ARCHITECTURES, Architecture, by_official_model_type, register_all
+
+__version__ = "0.1.0"
+
+_registration_failures = register_all()
+
+__all__ = ["ARCHITECTURES", "Architecture", "CheckpointError", "ConfigError", "InputError", "__version__",
+           "by_official_model_type", "config_from_official", "from_official", "register_all"]

@@ -1,0 +1,9 @@
+"""Blocks named after the math, built from explicit keyword arguments (never a config object or model name)."""
+
+from .attention import Attention, attention_function, eager_attention
+from .mlp import GatedMLP
+from .norms import RMSNorm
+from .rope import RotaryEmbedding, apply_rope, rope_inv_freq
+
+__all__ = ["Attention", "GatedMLP", "RMSNorm", "RotaryEmbedding", "apply_rope", "attention_function",
+           "eager_attention", "rope_inv_freq"]

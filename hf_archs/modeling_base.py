@@ -1,0 +1,182 @@
+"""The shared PreTrainedModel base and the plain decoder loop.
+
+Every architecture supplies a config, a decoder layer (written out in its own modeling file) and a few class
+attributes; this file never grows model-specific flags. Data flow of `DecoderModel.forward`:
+
+    input_ids ─► embed_tokens (× embed_scale) ─► h
+    positions ─► one (cos, sin) per RoPE variant in `rope_parameters` (None for NoPE layers)
+    attention_mask ─► one mask per entry of `layer_types` (full / sliding / chunked)
+    for each layer i:  h = layer_i(h, rope[layer_types[i]], mask[layer_types[i]], cache)
+    h ─► norm ─► last_hidden_state            (CausalLM: ─► lm_head ─► logits)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_chunked_causal_mask,
+    create_sliding_window_causal_mask,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .errors import InputError
+from .layers import RMSNorm, RotaryEmbedding, attention_function
+
+MASK_FUNCTIONS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+    "chunked_attention": create_chunked_causal_mask,
+}
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse inputs that would otherwise give garbage or an opaque indexing error."""
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise InputError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise InputError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise InputError(f"input_ids is empty (shape {tuple(input_ids.shape)}): at least one token is needed")
+    if torch.compiler.is_compiling():
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        raise InputError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+class HfaPreTrainedModel(PreTrainedModel):
+    """Class flags shared by every architecture here; each sets `config_class` and `_no_split_modules`."""
+
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, RMSNorm):
+            init.zeros_(module.weight) if module.unit_offset else init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, RotaryEmbedding(module.head_dim, module.rope_parameters).inv_freq)
+        elif hasattr(module, "init_buffers"):
+            module.init_buffers()
+        else:
+            super()._init_weights(module)
+
+
+class DecoderModel(HfaPreTrainedModel):
+    """Embeddings, a stack of `layer_class` decoder layers, a final norm.
+
+    Subclasses set `layer_class` and may override `make_embedding` / `make_norm`.
+    """
+
+    layer_class: type[nn.Module]
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = self.make_embedding(config)
+        self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
+        self.norm = self.make_norm(config)
+        self.rotary_emb = nn.ModuleDict(
+            {name: RotaryEmbedding(config.head_dim, params, interleaved=getattr(config, "rope_interleave", False))
+             for name, params in config.rope_variants().items()})
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def make_embedding(self, config) -> nn.Module:
+        return nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+
+    def make_norm(self, config) -> nn.Module:
+        return RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embed_tokens = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                **kwargs: Any) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            check_input_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.shape[1] == 0:
+            raise InputError("inputs_embeds is empty: at least one position is needed")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
+
+        layer_types = self.config.layer_types
+        masks = attention_mask if isinstance(attention_mask, dict) else {
+            kind: MASK_FUNCTIONS[kind](config=self.config, inputs_embeds=inputs_embeds,
+                                       attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+            for kind in set(layer_types)}
+        rope = {name: emb(inputs_embeds, position_ids) for name, emb in self.rotary_emb.items()}
+        rope_of = self.config.rope_variant_of_layer
+        attention_fn = attention_function(self.config._attn_implementation)
+
+        hidden_states = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states, position_embeddings=rope.get(rope_of(i)),
+                                  attention_mask=masks[layer_types[i]], cache=cache, attention_fn=attention_fn,
+                                  position_ids=position_ids, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
+
+
+class CausalLM(HfaPreTrainedModel, GenerationMixin):
+    """A `DecoderModel` and a linear head. Subclasses set `base_model_class` (and may override `process_logits`)."""
+
+    base_model_class: type[DecoderModel]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def process_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden_states = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)
+        logits = self.process_logits(self.lm_head(hidden_states))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                                      attentions=out.attentions)

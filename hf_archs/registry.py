@@ -1,0 +1,96 @@
+"""The one table: architecture -> config / model classes, the official model_types it accepts, load rules."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One architecture and how its official releases map onto it.
+
+    `key_renames`: (official prefix, our prefix) pairs tried in order on every tensor name of a release.
+    `skip_keys`: (official prefix, reason) for tensors deliberately not loaded (a vision tower, say).
+    `text_config_key`: where a multimodal release keeps the decoder's config inside config.json.
+    """
+
+    name: str
+    module: str  # hf_archs.models.<module>
+    config: str
+    model: str
+    causal_lm: str
+    official_model_types: tuple[str, ...]
+    text_config_key: str | None = None
+    key_renames: tuple[tuple[str, str], ...] = ()
+    skip_keys: tuple[tuple[str, str], ...] = ()
+    notes: str = ""
+    _classes: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def model_type(self) -> str:
+        return "hfa_" + self.name
+
+    def _load(self, attr: str):
+        if attr not in self._classes:
+            mod = importlib.import_module(f"hf_archs.models.{self.module}")
+            self._classes[attr] = getattr(mod, getattr(self, attr))
+        return self._classes[attr]
+
+    @property
+    def config_class(self):
+        return self._load("config")
+
+    @property
+    def model_class(self):
+        return self._load("model")
+
+    @property
+    def causal_lm_class(self):
+        return self._load("causal_lm")
+
+
+_VISION = "vision tower: hf_archs loads the text decoder only"
+_PROJECTOR = "multimodal projector: hf_archs loads the text decoder only"
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
+    Architecture("qwen3", "qwen3", "HfaQwen3Config", "HfaQwen3Model", "HfaQwen3ForCausalLM", ("qwen3",)),
+]}
+
+
+def by_official_model_type(model_type: str) -> Architecture:
+    """The architecture that loads releases whose config.json says `model_type`."""
+    for arch in ARCHITECTURES.values():
+        if model_type == arch.model_type or model_type in arch.official_model_types:
+            return arch
+    known = sorted({t for a in ARCHITECTURES.values() for t in (a.model_type, *a.official_model_types)})
+    raise ValueError(f"model_type {model_type!r} is not supported by hf_archs; supported: {known}")
+
+
+def register_all() -> list[str]:
+    """Register every architecture with AutoConfig / AutoModel / AutoModelForCausalLM under `hfa_<name>`.
+
+    Never replaces one of transformers' own types, and never raises: a failure is logged and skipped.
+    Returns the names that failed.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    failed = []
+    for arch in ARCHITECTURES.values():
+        try:
+            config_class = arch.config_class
+            if arch.model_type in CONFIG_MAPPING:
+                if CONFIG_MAPPING[arch.model_type] is not config_class:
+                    raise RuntimeError(f"model_type {arch.model_type!r} is already registered by another package")
+                continue
+            AutoConfig.register(arch.model_type, config_class)
+            AutoModel.register(config_class, arch.model_class)
+            AutoModelForCausalLM.register(config_class, arch.causal_lm_class)
+        except Exception as err:  # noqa: BLE001 - importing hf_archs must never fail
+            logger.warning("hf_archs: could not register %s: %s", arch.name, err)
+            failed.append(arch.name)
+    return failed

@@ -1,0 +1,55 @@
+"""Shared test helpers: build the reference and ours on the same weights, compare, locate divergence."""
+
+from __future__ import annotations
+
+import torch
+
+import hf_archs
+from cases import SEQ_LEN, Case
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights large enough that logits are peaked (greedy decoding is then a meaningful check), norms not 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() == 1:  # norms and biases: perturb around the initial value
+                p.add_(0.1 * noise.to(p.dtype))
+            else:
+                p.copy_(0.08 * noise.to(p.dtype))
+    return model
+
+
+def reference(case: Case) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return randomize(case.reference(case.official_config()))
+
+
+def ours_from(case: Case, ref: torch.nn.Module, attn: str = "eager") -> torch.nn.Module:
+    """Our model with the reference's weights, loaded strictly."""
+    config = hf_archs.config_from_official(case.official_config())
+    model = hf_archs.ARCHITECTURES[case.name].causal_lm_class(config)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def tokens(case: Case, batch: int = 1, length: int = SEQ_LEN, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    vocab = case.official["vocab_size"] if "vocab_size" in case.official else case.official["text_config"]["vocab_size"]
+    return torch.randint(3, vocab, (batch, length), generator=gen)
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def first_divergence(ours: torch.nn.Module, ref: torch.nn.Module, ids: torch.Tensor, tol: float = 1e-5) -> str:
+    """Name the first decoder layer whose output differs (the layer-diff tool), for failure messages."""
+    a = ours(ids, output_hidden_states=True).hidden_states
+    b = ref(ids, output_hidden_states=True).hidden_states
+    for i, (x, y) in enumerate(zip(a, b)):
+        if max_rel_diff(x, y) > tol:
+            return f"first diverging hidden state: index {i} (0 = embeddings), rel diff {max_rel_diff(x, y):.2e}"
+    return "hidden states agree; the difference is in the head"
