@@ -7,6 +7,7 @@ of the real model and windows / chunks shorter than `SEQ_LEN`, so parity covers 
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,5 +58,9 @@ CASES: list[Case] = [
         reference=_from_transformers("Qwen3Config", "Qwen3ForCausalLM"),
     ),
 ]
+
+# Each other architecture adds its case in tests/case_<name>.py (a module-level `CASE`).
+for _path in sorted(Path(__file__).parent.glob("case_*.py")):
+    CASES.append(importlib.import_module(_path.stem).CASE)
 
 BY_NAME = {c.name: c for c in CASES}
