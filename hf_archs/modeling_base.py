@@ -69,12 +69,17 @@ class HfaPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, RMSNorm):
             init.zeros_(module.weight) if module.unit_offset else init.ones_(module.weight)
-        elif isinstance(module, RotaryEmbedding):
-            init.copy_(module.inv_freq, RotaryEmbedding(module.head_dim, module.rope_parameters).inv_freq)
-        elif hasattr(module, "init_buffers"):
-            module.init_buffers()
-        else:
+        elif not isinstance(module, RotaryEmbedding):
             super()._init_weights(module)
+        if hasattr(module, "init_buffers"):  # non-persistent buffers: RoPE frequencies, embedding scales
+            device = next((b.device for b in module.buffers(recurse=False) if b.device.type != "meta"), None)
+            module.init_buffers(device)
+
+    def reset_buffers(self, device: torch.device | str = "cpu") -> None:
+        """Recompute every non-persistent buffer on `device` (a model built on the meta device has none)."""
+        for module in self.modules():
+            if hasattr(module, "init_buffers"):
+                module.init_buffers(device)
 
 
 class DecoderModel(HfaPreTrainedModel):

@@ -12,13 +12,17 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+import logging
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
+from .modeling_base import HfaPreTrainedModel
 from .registry import Architecture, by_official_model_type
+
+logger = logging.getLogger(__name__)
 
 # config.json keys that describe the file, not the model.
 _FILE_KEYS = {"model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "torch_dtype",
@@ -86,12 +90,13 @@ def _open(file: Path):
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from err
 
 
-def iter_headers(files: list[Path]) -> Iterator[tuple[Path, str, tuple[int, ...]]]:
-    """(file, tensor name, shape) for every tensor, from the headers only."""
+def iter_headers(files: list[Path]) -> Iterator[tuple[Path, str, tuple[int, ...], str]]:
+    """(file, tensor name, shape, dtype name) for every tensor, from the headers only."""
     for file in files:
         with _open(file) as f:
             for name in f.keys():
-                yield file, name, tuple(f.get_slice(name).get_shape())
+                info = f.get_slice(name)
+                yield file, name, tuple(info.get_shape()), info.get_dtype()
 
 
 def map_name(arch: Architecture, name: str) -> str | None:
@@ -111,9 +116,12 @@ def plan_load(arch: Architecture, model: torch.nn.Module, files: list[Path]) -> 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     plan: dict[str, tuple[Path, str]] = {}
     unexpected, mis_shaped = [], []
-    for file, name, shape in iter_headers(files):
+    skipped: dict[str, int] = {}
+    for file, name, shape, _dtype in iter_headers(files):
         ours = map_name(arch, name)
         if ours is None:
+            reason = next(r for p, r in arch.skip_keys if name.startswith(p))
+            skipped[reason] = skipped.get(reason, 0) + 1
             continue
         if ours not in expected:
             unexpected.append(f"{name} (in {file.name})")
@@ -132,14 +140,30 @@ def plan_load(arch: Architecture, model: torch.nn.Module, files: list[Path]) -> 
         problems.append(f"mis-shaped tensors: {mis_shaped}")
     if problems:
         raise CheckpointError(f"cannot load the release into {type(model).__name__}: " + "; ".join(problems))
+    for reason, count in skipped.items():
+        logger.info("hf_archs: skipped %d tensors of the release (%s)", count, reason)
     return plan
 
 
-def from_official(path: str | os.PathLike, dtype: torch.dtype | str | None = None, **kwargs: Any):
+def _release_dtype(config, files: list[Path]) -> torch.dtype:
+    """The dtype the release declares, else the one most of its floating-point tensors are stored in."""
+    if isinstance(getattr(config, "dtype", None), torch.dtype):
+        return config.dtype
+    counts: dict[str, int] = {}
+    for _file, _name, shape, dtype in iter_headers(files):
+        counts[dtype] = counts.get(dtype, 0) + 1
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    floating = {k: v for k, v in counts.items() if k in names}
+    return names[max(floating, key=floating.get)] if floating else torch.float32
+
+
+def from_official(path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+                  **kwargs: Any) -> HfaPreTrainedModel:
     """Load an official release directory (config.json + safetensors) into this package's CausalLM class.
 
-    `dtype`: None keeps the release's dtype; otherwise tensors are cast. Extra `kwargs` override config fields
-    (e.g. `attn_implementation="eager"`).
+    `dtype`: None keeps the release's dtype; otherwise every tensor is cast. Extra `kwargs` override config
+    fields; `attn_implementation="eager" | "sdpa"` picks the attention kernel. The model is built on the meta
+    device and takes the loaded tensors as they are, so peak memory is one copy of the weights.
     """
     root = Path(path)
     if not root.is_dir():
@@ -148,17 +172,14 @@ def from_official(path: str | os.PathLike, dtype: torch.dtype | str | None = Non
     arch = by_official_model_type(official.get("model_type", ""))
     attn = kwargs.pop("attn_implementation", None)
     config = config_from_official(official, arch, **kwargs)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     files = _safetensors_files(root)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype or _release_dtype(config, files)
 
     with torch.device("meta"):
         model = arch.causal_lm_class(config)
     plan = plan_load(arch, model, files)  # every check happens before any data is read
 
-    model.to_empty(device="cpu")
-    for module in model.modules():  # non-persistent buffers (RoPE frequencies, embedding scales)
-        model._init_weights(module) if not list(module.parameters(recurse=False)) else None
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for ours, (file, name) in plan.items():
         by_file.setdefault(file, []).append((ours, name))
@@ -167,16 +188,17 @@ def from_official(path: str | os.PathLike, dtype: torch.dtype | str | None = Non
         try:
             with _open(file) as f:
                 for ours, name in names:
-                    tensor = f.get_tensor(name)
-                    state[ours] = tensor if dtype is None else tensor.to(dtype)
+                    state[ours] = f.get_tensor(name).to(dtype)
         except SafetensorError as err:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from err
-    load_dtype = dtype or next(iter(state.values())).dtype
-    model.to(load_dtype)
-    model.load_state_dict(state, strict=False, assign=False)
+    model.load_state_dict(state, strict=False, assign=True)  # plan_load has checked names and shapes
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    model.reset_buffers("cpu")
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:  # a bug here, never the release's fault: refuse rather than run uninitialised
+        raise RuntimeError(f"hf_archs: tensors left uninitialised after loading: {left}")
     if attn is not None:
         model.set_attn_implementation(attn)
-    model.config.dtype = load_dtype
+    model.config.dtype = dtype
     return model.eval()

@@ -55,9 +55,23 @@ class Architecture:
 
 _VISION = "vision tower: hf_archs loads the text decoder only"
 _PROJECTOR = "multimodal projector: hf_archs loads the text decoder only"
+# Multimodal releases keep the text decoder under a prefix: `language_model.model.*` on the Hub files,
+# `model.language_model.*` when transformers >= 5 saves them.
+_MULTIMODAL_TEXT = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                    ("model.language_model.", "model."))
+_MULTIMODAL_TOWERS = (("vision_tower.", _VISION), ("model.vision_tower.", _VISION),
+                      ("multi_modal_projector.", _PROJECTOR), ("model.multi_modal_projector.", _PROJECTOR))
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture("qwen3", "qwen3", "HfaQwen3Config", "HfaQwen3Model", "HfaQwen3ForCausalLM", ("qwen3",)),
+    Architecture("smollm3", "smollm3", "HfaSmolLM3Config", "HfaSmolLM3Model", "HfaSmolLM3ForCausalLM", ("smollm3",)),
+    Architecture("olmo2", "olmo2", "HfaOlmo2Config", "HfaOlmo2Model", "HfaOlmo2ForCausalLM", ("olmo2",)),
+    Architecture("mistral3", "mistral3", "HfaMistral3Config", "HfaMistral3Model", "HfaMistral3ForCausalLM",
+                 ("mistral3", "mistral"), text_config_key="text_config",
+                 key_renames=_MULTIMODAL_TEXT, skip_keys=_MULTIMODAL_TOWERS),
+    Architecture("gemma3", "gemma3", "HfaGemma3Config", "HfaGemma3Model", "HfaGemma3ForCausalLM",
+                 ("gemma3", "gemma3_text"), text_config_key="text_config",
+                 key_renames=_MULTIMODAL_TEXT, skip_keys=_MULTIMODAL_TOWERS),
 ]}
 
 

@@ -101,11 +101,10 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = rope_inv_freq(head_dim, self.rope_parameters)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
 
-    def reset_parameters(self) -> None:
-        # Non-persistent buffer: recomputed after meta-device initialisation (from_pretrained).
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute the non-persistent `inv_freq` (after building on the meta device, say)."""
         inv_freq, _ = rope_inv_freq(self.head_dim, self.rope_parameters)
-        with torch.no_grad():
-            self.inv_freq.copy_(inv_freq.to(self.inv_freq.device))
+        self.inv_freq = nn.Buffer(inv_freq.to(device or "cpu"), persistent=False)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
