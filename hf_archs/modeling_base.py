@@ -24,7 +24,12 @@ from transformers.masking_utils import (
     create_chunked_causal_mask,
     create_sliding_window_causal_mask,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+)
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
@@ -32,6 +37,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .errors import InputError
 from .layers import RMSNorm, RotaryEmbedding, attention_function
+from .layers.moe import load_balancing_loss
 
 MASK_FUNCTIONS = {
     "full_attention": create_causal_mask,
@@ -89,6 +95,7 @@ class DecoderModel(HfaPreTrainedModel):
     """
 
     layer_class: type[nn.Module]
+    output_class: type[BaseModelOutputWithPast] = BaseModelOutputWithPast
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -98,8 +105,7 @@ class DecoderModel(HfaPreTrainedModel):
         self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = self.make_norm(config)
         self.rotary_emb = nn.ModuleDict(
-            {name: RotaryEmbedding(config.head_dim, params, interleaved=getattr(config, "rope_interleave", False))
-             for name, params in config.rope_variants().items()})
+            {name: self.make_rotary(config, params) for name, params in config.rope_variants().items()})
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -108,6 +114,9 @@ class DecoderModel(HfaPreTrainedModel):
 
     def make_norm(self, config) -> nn.Module:
         return RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def make_rotary(self, config, rope_parameters: dict) -> RotaryEmbedding:
+        return RotaryEmbedding(config.head_dim, rope_parameters)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embed_tokens
@@ -149,7 +158,7 @@ class DecoderModel(HfaPreTrainedModel):
             hidden_states = layer(hidden_states, position_embeddings=rope.get(rope_of(i)),
                                   attention_mask=masks[layer_types[i]], cache=cache, attention_fn=attention_fn,
                                   position_ids=position_ids, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
+        return self.output_class(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
 
 
 class CausalLM(HfaPreTrainedModel, GenerationMixin):
@@ -183,5 +192,47 @@ class CausalLM(HfaPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
-                                      attentions=out.attentions)
+        return self.finish_output(CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
+                                                         hidden_states=out.hidden_states, attentions=out.attentions),
+                                  out, attention_mask)
+
+    def finish_output(self, result: CausalLMOutputWithPast, model_output: BaseModelOutputWithPast,
+                      attention_mask: torch.Tensor | None) -> CausalLMOutputWithPast:
+        """Hook for extra outputs and losses (the MoE subclass adds router logits and the auxiliary loss)."""
+        return result
+
+
+class MoEDecoderModel(DecoderModel):
+    """Same as DecoderModel except: outputs can carry each MoE layer's router logits (`output_router_logits`)."""
+
+    output_class = MoeModelOutputWithPast
+
+
+class MoECausalLM(CausalLM):
+    """Same as CausalLM except: with `output_router_logits` (argument or config) the output carries the router
+    logits and the load-balancing auxiliary loss, added to the loss times `router_aux_loss_coef` when training
+    with labels. Config fields read: `output_router_logits`, `router_aux_loss_coef`, `num_experts_per_tok`, and
+    the expert count from `num_experts` / `num_local_experts` / `n_routed_experts`.
+    """
+
+    def forward(self, *args: Any, output_router_logits: bool | None = None, **kwargs: Any) -> MoeCausalLMOutputWithPast:
+        if output_router_logits is None:
+            output_router_logits = getattr(self.config, "output_router_logits", False)
+        return super().forward(*args, output_router_logits=output_router_logits, **kwargs)
+
+    @property
+    def num_routed_experts(self) -> int:
+        c = self.config
+        return next(getattr(c, n) for n in ("num_experts", "num_local_experts", "n_routed_experts") if hasattr(c, n))
+
+    def finish_output(self, result, model_output, attention_mask):
+        router_logits = getattr(model_output, "router_logits", None)
+        aux_loss = None
+        if router_logits:
+            aux_loss = load_balancing_loss(router_logits, self.num_routed_experts, self.config.num_experts_per_tok,
+                                           attention_mask)
+            if result.loss is not None:
+                result.loss = result.loss + self.config.router_aux_loss_coef * aux_loss
+        return MoeCausalLMOutputWithPast(loss=result.loss, aux_loss=aux_loss, logits=result.logits,
+                                         cache=result.cache, hidden_states=result.hidden_states,
+                                         attentions=result.attentions, router_logits=router_logits)

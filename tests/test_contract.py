@@ -42,6 +42,16 @@ def test_parity_logits_every_position(case):
 
 
 @params
+def test_parity_bf16_is_bit_exact(case):
+    # Same op order as the reference runtime, so bf16 rounding matches too (norm and RoPE precision included).
+    ref = reference(case).to(torch.bfloat16)
+    ours = ours_from(case, ref).to(torch.bfloat16)
+    ids = tokens(case)
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, ref(ids).logits)
+
+
+@params
 def test_parity_greedy_generation(case):
     ref = reference(case)
     ours = ours_from(case, ref)

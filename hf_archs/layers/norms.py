@@ -9,16 +9,19 @@ from torch import nn
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension, computed in fp32.
 
-    `unit_offset=False`: `w * norm(x)`, weight initialised to 1; the product is taken after casting back to the
-    input dtype (Llama's order, which bf16 parity with those releases needs).
-    `unit_offset=True`: `(1 + w) * norm(x)`, weight stored zero-centred and initialised to 0; the product is taken
-    in fp32 before the cast (the order of Gemma's runtime).
+    `unit_offset=False`: `w * norm(x)`, weight initialised to 1; `unit_offset=True`: `(1 + w) * norm(x)`, weight
+    stored zero-centred and initialised to 0 (Gemma, Qwen3-Next).
+    `weight_in_fp32`: multiply by the weight in fp32, then cast to the input dtype (Gemma's and OLMo's order);
+    otherwise cast first, then multiply in the input dtype (Llama's order). Defaults to `unit_offset`. The two
+    orders agree in fp32; bf16 parity with each release needs its own.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False,
+                 weight_in_fp32: bool | None = None) -> None:
         super().__init__()
         self.eps = eps
         self.unit_offset = unit_offset
+        self.weight_in_fp32 = unit_offset if weight_in_fp32 is None else weight_in_fp32
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def reset_parameters(self) -> None:
@@ -27,9 +30,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
-            return (h * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * h.to(x.dtype)
+        w = 1.0 + self.weight.float() if self.unit_offset else self.weight
+        if self.weight_in_fp32:
+            return (h * w.float()).to(x.dtype)
+        return w * h.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, unit_offset={self.unit_offset}"

@@ -90,14 +90,17 @@ class RotaryEmbedding(nn.Module):
     """Computes `(cos, sin)` of shape `[batch, seq, rotary_dim]` for the given positions.
 
     `interleaved=False` pairs dimension i with i + d/2 (the HF "rotate_half" layout); `interleaved=True` pairs
-    2i with 2i + 1 (the layout of Meta's and DeepSeek's original code).
+    2i with 2i + 1 (the layout of Meta's and DeepSeek's original code). `fp32=True` returns cos/sin in fp32 so
+    `apply_rope` rotates in fp32 whatever the activations' dtype (OLMo's runtime does).
     """
 
-    def __init__(self, head_dim: int, rope_parameters: Mapping[str, Any], interleaved: bool = False) -> None:
+    def __init__(self, head_dim: int, rope_parameters: Mapping[str, Any], interleaved: bool = False,
+                 fp32: bool = False) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.rope_parameters = dict(rope_parameters)
         self.interleaved = interleaved
+        self.fp32 = fp32
         inv_freq, self.attention_scaling = rope_inv_freq(head_dim, self.rope_parameters)
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
 
@@ -110,7 +113,8 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # [batch, seq, rotary_dim / 2]
         emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+        dtype = torch.float32 if self.fp32 else x.dtype
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -124,9 +128,11 @@ def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """Rotate `x` `[batch, heads, seq, head_dim]`; only the first `cos.shape[-1]` dims rotate (partial RoPE)."""
+    """Rotate `x` `[batch, heads, seq, head_dim]`; only the first `cos.shape[-1]` dims rotate (partial RoPE).
+    The rotation runs in the dtype of `cos` and `x` promoted together; the result has `x`'s dtype."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     rotated = x_rot * cos + (_rotate_pairs(x_rot) if interleaved else _rotate_half(x_rot)) * sin
+    rotated = rotated.to(x.dtype)
     return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated

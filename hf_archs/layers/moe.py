@@ -1,0 +1,203 @@
+"""Mixture-of-experts blocks: fused 3-D experts computed sparsely, and the routing rules of the 2025 releases.
+
+Routing rules are plain functions of the router logits (so each architecture's router module can keep its
+release's parameter names); `Experts` runs only the routed tokens through each expert: tokens are sorted by
+expert and each expert multiplies one contiguous slice (grouped matmul; `torch.nn.functional.grouped_mm` on CUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing rules. Each returns (weights [tokens, k], indices [tokens, k]); weights are in fp32.
+# ----------------------------------------------------------------------------------------------------------------
+def softmax_topk(logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts, keep the top k, optionally renormalise them to sum to 1 (Qwen3-MoE, gpt-oss)."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, indices = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+def sigmoid_grouped_topk(logits: torch.Tensor, top_k: int, correction_bias: torch.Tensor | None = None,
+                         n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+                         routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek V3's rule (also Kimi K2, GLM-4.5, MiniMax-M2, Kimi Linear).
+
+    Scores are sigmoid(logits). The choice uses scores + correction_bias (the aux-loss-free balancing bias),
+    restricted to the `topk_group` best of `n_group` expert groups (a group's score is the sum of its two best);
+    the weights are the unbiased scores of the chosen experts, renormalised, times `routed_scaling_factor`.
+    """
+    scores = logits.float().sigmoid()  # [tokens, experts]
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if n_group > 1:
+        grouped = choice.unflatten(-1, (n_group, -1))  # [tokens, groups, experts / group]
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(
+            1, group_scores.topk(topk_group, dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+    indices = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, indices
+
+
+def sigmoid_top1_input_scale(logits: torch.Tensor, top_k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4: top-k on the raw logits, weight = sigmoid(logit); the weight scales the expert's *input*."""
+    top, indices = torch.topk(logits, top_k, dim=-1)
+    return torch.sigmoid(top.float()), indices
+
+
+def softcapped_softmax_topk(logits: torch.Tensor, top_k: int, softcap: float | None) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """Grok: fp32 logits, optional tanh soft-cap, softmax over all experts, top-k with no renormalisation."""
+    logits = logits.float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return softmax_topk(logits, top_k, norm_topk_prob=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GLU variants for the experts: (gate, up) -> hidden.
+# ----------------------------------------------------------------------------------------------------------------
+def act_glu(act: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    fn = ACT2FN[act]
+    return lambda gate, up: fn(gate) * up
+
+
+def clamped_swiglu(alpha: float = 1.702, limit: float = 7.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """gpt-oss: gate clamped above at `limit`, up clamped to [-limit, limit], `gate * sigmoid(alpha * gate) * (up + 1)`."""
+    def glu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+        return gate * torch.sigmoid(gate * alpha) * (up + 1)
+    return glu
+
+
+class Experts(nn.Module):
+    """`num_experts` gated MLPs stored as fused 3-D parameters `gate_up_proj` and `down_proj`.
+
+    Layout options (each one branch), matching the releases' fused layouts:
+    - `transposed=False`: `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I] (rows = outputs, as nn.Linear);
+      `transposed=True`: [E, H, 2I] and [E, I, H] (gpt-oss, Llama 4).
+    - `interleaved=False`: gate = first I columns, up = last I; `True`: gate = even, up = odd (gpt-oss).
+    - `bias`: `gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, H].
+    `glu(gate, up)` is the activation (`act_glu("silu")` = SwiGLU).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, transposed: bool = False,
+                 interleaved: bool = False, bias: bool = False) -> None:
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.transposed, self.interleaved = transposed, interleaved
+        self.glu = glu or act_glu("silu")
+        e, h, i = num_experts, hidden_size, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i) if transposed else torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, i, h) if transposed else torch.empty(e, h, i))
+        if bias:
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i))
+            self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
+        else:
+            self.gate_up_proj_bias = self.down_proj_bias = None
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return (x @ weight if self.transposed else F.linear(x, weight)) + (0 if bias is None else bias)
+
+    def expert_forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """One expert on `x` [n, H] (the plain reference the fused path is checked against)."""
+        gb = None if self.gate_up_proj_bias is None else self.gate_up_proj_bias[e]
+        db = None if self.down_proj_bias is None else self.down_proj_bias[e]
+        gate_up = self._linear(x, self.gate_up_proj[e], gb)
+        gate, up = (gate_up[..., 0::2], gate_up[..., 1::2]) if self.interleaved else gate_up.chunk(2, dim=-1)
+        return self._linear(self.glu(gate, up), self.down_proj[e], db)
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor | None) -> torch.Tensor:
+        """x [T, H]; top_k_index / top_k_weights [T, k]. Returns sum_k w_k * expert_{i_k}(x) as [T, H].
+
+        With `top_k_weights=None` the outputs are summed unweighted (Llama 4 scales the inputs instead).
+        """
+        tokens, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+        token_of = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        routed = x[token_of]  # [T * k, H], contiguous per expert
+        out = torch.empty_like(routed)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                out[start:start + n] = self.expert_forward(routed[start:start + n], e).to(out.dtype)
+                start += n
+        if top_k_weights is not None:
+            out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss over all MoE layers, transformers' convention (so losses compare):
+    E * sum_e f_e * P_e, with P_e the mean softmax probability of expert e and f_e the fraction of the softmax
+    top-k assignments that go to e, over the tokens `attention_mask` keeps. `router_logits`: one [T, E] per layer.
+    """
+    device = router_logits[0].device
+    keep = None if attention_mask is None else attention_mask.reshape(-1).to(device, torch.float32)
+    hits = torch.zeros(num_experts, device=device)
+    prob = torch.zeros(num_experts, device=device)
+    rows = torch.zeros((), device=device)
+    for logits in router_logits:
+        p = torch.softmax(logits.float(), dim=-1)  # [T, E]
+        chosen = p.topk(top_k, dim=-1).indices
+        w = torch.ones(p.shape[0], device=device) if keep is None else keep
+        hits = hits.scatter_add(0, chosen.reshape(-1), w.repeat_interleave(top_k))
+        prob = prob + (p * w[:, None]).sum(0)
+        rows = rows + w.sum()
+    return num_experts * ((hits / rows) * (prob / rows)).sum()
+
+
+class TopKRouter(nn.Module):
+    """Router logits `x W^T (+ b)` [T, E] and a routing rule applied to them.
+
+    `rule(logits, **extra) -> (weights, indices)`, e.g. `functools.partial(softmax_topk, top_k=8, norm_topk_prob=True)`.
+    `correction_bias=True` adds the persistent buffer `e_score_correction_bias` [E] (DeepSeek's aux-loss-free
+    balancing bias), passed to the rule as `correction_bias`. `fp32=True` computes the logits in fp32.
+    Returns (logits, weights, indices); model outputs record the logits (`output_router_logits=True`).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, rule: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+                 bias: bool = False, correction_bias: bool = False, fp32: bool = False) -> None:
+        super().__init__()
+        self.num_experts, self.rule, self.fp32 = num_experts, rule, fp32
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
+        if correction_bias:
+            self.e_score_correction_bias = nn.Buffer(torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = x.reshape(-1, x.shape[-1])
+        if self.fp32:
+            logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        else:
+            logits = F.linear(x, self.weight, self.bias)
+        extra = {} if self.e_score_correction_bias is None else {"correction_bias": self.e_score_correction_bias}
+        weights, indices = self.rule(logits, **extra)
+        return logits, weights, indices
+
+
+def expert_load(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Number of routed assignments per expert, [E] (for load statistics and bias updates)."""
+    return torch.bincount(top_k_index.reshape(-1), minlength=num_experts)

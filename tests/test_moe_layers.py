@@ -1,0 +1,114 @@
+"""MoE blocks against plain references: routing rules on hand-made logits, fused experts vs a dense loop."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from hf_archs.layers.moe import (
+    Experts,
+    TopKRouter,
+    act_glu,
+    clamped_swiglu,
+    expert_load,
+    load_balancing_loss,
+    sigmoid_grouped_topk,
+    sigmoid_top1_input_scale,
+    softcapped_softmax_topk,
+    softmax_topk,
+)
+
+
+def test_softmax_topk_on_hand_made_logits():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
+    w, i = softmax_topk(logits, 2, norm_topk_prob=False)
+    p = torch.softmax(logits, -1)[0]
+    assert i.tolist() == [[1, 2]]
+    torch.testing.assert_close(w[0], p[[1, 2]])
+    w, _ = softmax_topk(logits, 2, norm_topk_prob=True)
+    torch.testing.assert_close(w[0], p[[1, 2]] / p[[1, 2]].sum())
+
+
+def test_sigmoid_grouped_topk_uses_bias_for_choice_only_and_groups():
+    logits = torch.tensor([[3.0, 2.9, -1.0, -2.0, 0.5, 0.4, 0.3, 0.2]])
+    # Without bias and groups: the two best are experts 0, 1.
+    w, i = sigmoid_grouped_topk(logits, 2, norm_topk_prob=False)
+    assert sorted(i[0].tolist()) == [0, 1]
+    # A large bias on expert 7 changes the choice but not its weight (the unbiased sigmoid score).
+    bias = torch.zeros(8)
+    bias[7] = 10.0
+    w, i = sigmoid_grouped_topk(logits, 2, correction_bias=bias, norm_topk_prob=False)
+    chosen = dict(zip(i[0].tolist(), w[0].tolist()))
+    assert set(chosen) == {0, 7}
+    assert chosen[7] == pytest.approx(torch.sigmoid(torch.tensor(0.2)).item())
+    # Groups of 4: group 0 = {0,1,2,3} scores sig(3)+sig(2.9); group 1 = {4..7} scores sig(.5)+sig(.4).
+    # Keeping only the best group forbids experts 4..7 even with top_k = 3.
+    w, i = sigmoid_grouped_topk(logits, 3, n_group=2, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5)
+    assert sorted(i[0].tolist()) == [0, 1, 2]
+    assert w.sum().item() == pytest.approx(2.5)
+
+
+def test_sigmoid_top1_and_softcapped_rules():
+    logits = torch.tensor([[0.1, 1.5, -0.3]])
+    w, i = sigmoid_top1_input_scale(logits)
+    assert i.tolist() == [[1]] and w.item() == pytest.approx(torch.sigmoid(torch.tensor(1.5)).item())
+    capped = 30 * torch.tanh(torch.tensor([[60.0, 0.0, -60.0]]) / 30)
+    w, i = softcapped_softmax_topk(torch.tensor([[60.0, 0.0, -60.0]]), 2, softcap=30.0)
+    torch.testing.assert_close(w, torch.softmax(capped, -1)[:, :2])  # no renormalisation
+
+
+def test_clamped_swiglu():
+    gate, up = torch.tensor([10.0, -3.0]), torch.tensor([-9.0, 0.5])
+    out = clamped_swiglu(alpha=1.702, limit=7.0)(gate, up)
+    g = torch.tensor([7.0, -3.0])
+    torch.testing.assert_close(out, g * torch.sigmoid(1.702 * g) * (torch.tensor([-7.0, 0.5]) + 1))
+
+
+@pytest.mark.parametrize("transposed,interleaved,bias", [(False, False, False), (True, True, True),
+                                                         (True, False, False)])
+def test_fused_experts_equal_a_dense_loop(transposed, interleaved, bias):
+    torch.manual_seed(0)
+    e, h, i, t, k = 6, 8, 5, 11, 2
+    glu = clamped_swiglu() if interleaved else act_glu("silu")
+    experts = Experts(e, h, i, glu=glu, transposed=transposed, interleaved=interleaved, bias=bias)
+    if bias:
+        torch.nn.init.normal_(experts.gate_up_proj_bias), torch.nn.init.normal_(experts.down_proj_bias)
+    x = torch.randn(t, h, requires_grad=True)
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    idx[0] = torch.tensor([5, 5 - 1])  # expert 0 may get no token: fine
+    w = torch.rand(t, k)
+    out = experts(x, idx, w)
+    # Dense reference: every expert on every token, weighted by a one-hot routing matrix.
+    dense = torch.stack([experts.expert_forward(x, j) for j in range(e)], 1)  # [t, e, h]
+    route = torch.zeros(t, e).scatter_add_(1, idx, w)
+    ref = (route[..., None] * dense).sum(1)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    g_out = torch.autograd.grad(out.sum(), [x, experts.gate_up_proj])
+    g_ref = torch.autograd.grad(ref.sum(), [x, experts.gate_up_proj])
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_load_balancing_loss_matches_transformers():
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    logits = tuple(torch.randn(10, 6) for _ in range(3))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    for m in (None, mask):
+        ours = load_balancing_loss(logits, 6, 2, m)
+        torch.testing.assert_close(ours, load_balancing_loss_func(logits, 6, 2, m))
+    uniform = (torch.zeros(8, 4),)
+    assert load_balancing_loss(uniform, 4, 1).item() == pytest.approx(1.0)
+
+
+def test_expert_load_and_router_module():
+    assert expert_load(torch.tensor([[0, 1], [1, 3]]), 4).tolist() == [1, 2, 0, 1]
+    router = TopKRouter(8, 4, functools.partial(sigmoid_grouped_topk, top_k=2), correction_bias=True)
+    assert "e_score_correction_bias" in router.state_dict()
+    router.e_score_correction_bias[3] = 100.0
+    logits, w, i = router(torch.randn(2, 5, 8))
+    assert logits.shape == (10, 4) and (i == 3).any(dim=-1).all()
