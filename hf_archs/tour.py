@@ -94,3 +94,29 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
     return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def add_parser(sub) -> None:
+    from .registry import ARCHITECTURES
+
+    tour = sub.add_parser("tour", help="build every architecture tiny from its flagship shape, save, reload "
+                                       "through AutoModelForCausalLM and generate (the default command)")
+    tour.add_argument("--arch", action="append", choices=sorted(ARCHITECTURES),
+                      help="only this architecture (repeatable; default: all)")
+    tour.add_argument("--new-tokens", type=int, default=16, help="tokens to generate per model (default: 16)")
+    tour.add_argument("--out", help="keep the saved tiny models in this directory (default: a temporary one)")
+    tour.add_argument("--format", choices=["table", "json"], default="table", help="output format")
+    tour.add_argument("--quiet", action="store_true", help="no progress bar")
+    tour.set_defaults(func=_cmd_tour)
+
+
+def _cmd_tour(args) -> int:
+    import json
+    import sys
+
+    rows = run_tour(args.arch or None, out_dir=args.out, new_tokens=args.new_tokens, progress=not args.quiet)
+    print(json.dumps(rows, indent=2) if args.format == "json" else format_table(rows))
+    failed = [r["architecture"] for r in rows if not r["reload_exact"] or r["generated"] != args.new_tokens]
+    if failed:
+        print(f"FAILED: {failed}", file=sys.stderr)
+    return 1 if failed else 0
