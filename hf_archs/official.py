@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 import logging
@@ -104,18 +105,28 @@ def map_name(arch: Architecture, name: str) -> str | None:
     for prefix, _reason in arch.skip_keys:
         if name.startswith(prefix):
             return None
-    for old, new in arch.key_renames:
-        if name.startswith(old):
-            return new + name[len(old):]
+    for pattern, repl in arch.key_renames:
+        new, n = re.subn(pattern, repl, name, count=1)
+        if n:
+            return new
     return name
 
 
-def plan_load(arch: Architecture, model: torch.nn.Module, files: list[Path]) -> dict[str, tuple[Path, str]]:
-    """Check every release tensor against `model`; return our name -> (file, official name). Raises on any problem."""
+_EXPERT = re.compile(r"^(?P<module>.*\.experts)\.(?P<e>\d+)\.(?P<rest>.+)$")
+
+# One source of our tensor: (file, official name). A fused expert tensor has a grid [expert][source] of them.
+Source = tuple[Path, str]
+
+
+def plan_load(arch: Architecture, model: torch.nn.Module, files: list[Path]) -> dict[str, Source | list[list[Source]]]:
+    """Check every release tensor against `model`; return our name -> its source(s). Raises on any problem,
+    naming each missing, unexpected or mis-shaped tensor."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    plan: dict[str, tuple[Path, str]] = {}
-    unexpected, mis_shaped = [], []
+    fusions = {src: (i, rule) for rule in arch.fuse_experts for i, src in enumerate(rule.sources)}
+    plan: dict[str, Source | list[list[Source]]] = {}
+    grids: dict[str, dict[int, dict[int, tuple[Path, str, tuple[int, ...]]]]] = {}
+    unexpected, mis_shaped, missing_experts = [], [], []
     skipped: dict[str, int] = {}
     for file, name, shape, _dtype in iter_headers(files):
         ours = map_name(arch, name)
@@ -123,26 +134,89 @@ def plan_load(arch: Architecture, model: torch.nn.Module, files: list[Path]) -> 
             reason = next(r for p, r in arch.skip_keys if name.startswith(p))
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
-        if ours not in expected:
+        m = _EXPERT.match(ours)
+        if m and m["rest"] in fusions and ours not in expected:
+            i, rule = fusions[m["rest"]]
+            grids.setdefault(f"{m['module']}.{rule.target}", {}).setdefault(int(m["e"]), {})[i] = (file, name, shape)
+        elif ours not in expected:
             unexpected.append(f"{name} (in {file.name})")
         elif expected[ours] != shape:
             mis_shaped.append(f"{name}: checkpoint {list(shape)}, model {list(expected[ours])}")
         else:
             plan[ours] = (file, name)
+    for target, grid in grids.items():
+        rule = next(r for r in arch.fuse_experts if target.endswith("." + r.target))
+        if target not in expected:
+            unexpected.extend(f"{n} (in {f.name})" for row in grid.values() for f, n, _ in row.values())
+            continue
+        num_experts = expected[target][0]
+        module = target[: -len(rule.target) - 1]
+        holes = [f"{module}.{e}.{src}" for e in range(num_experts) for i, src in enumerate(rule.sources)
+                 if i not in grid.get(e, {})]
+        extra = [f"{module}.{e}.*" for e in grid if e >= num_experts]
+        if holes or extra:
+            missing_experts.extend(holes)
+            unexpected.extend(extra)
+            continue
+        rows = [[grid[e][i] for i in range(len(rule.sources))] for e in range(num_experts)]
+        out_dim = sum(shape[0] for _, _, shape in rows[0])
+        in_dim = rows[0][0][2][1]
+        fused = (num_experts, in_dim, out_dim) if rule.transposed else (num_experts, out_dim, in_dim)
+        shapes = {shape for row in rows for _, _, shape in row}
+        if fused != expected[target] or any(len(sh) != 2 or sh[1] != in_dim for sh in shapes):
+            mis_shaped.append(f"{target} (from {len(rows)} experts x {list(rule.sources)}): checkpoint "
+                              f"{list(fused)}, model {list(expected[target])}")
+            continue
+        plan[target] = [[(f, n) for f, n, _ in row] for row in rows]
     optional = {"lm_head.weight"} if tied else set()
-    missing = sorted(set(expected) - set(plan) - optional)
+    missing = sorted(set(expected) - set(plan) - optional - {t for t in grids})
     problems = []
-    if missing:
-        problems.append(f"missing tensors: {missing}")
+    if missing or missing_experts:
+        problems.append(f"missing tensors: {_some(missing_experts + missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {unexpected}")
+        problems.append(f"unexpected tensors: {_some(unexpected)}")
     if mis_shaped:
-        problems.append(f"mis-shaped tensors: {mis_shaped}")
+        problems.append(f"mis-shaped tensors: {_some(mis_shaped)}")
     if problems:
         raise CheckpointError(f"cannot load the release into {type(model).__name__}: " + "; ".join(problems))
     for reason, count in skipped.items():
         logger.info("hf_archs: skipped %d tensors of the release (%s)", count, reason)
     return plan
+
+
+def _read(arch: Architecture, plan: dict[str, Source | list[list[Source]]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Read the planned tensors, one open file at a time, fusing per-expert tensors as declared."""
+    handles: dict[Path, Any] = {}
+
+    def get(source: Source) -> torch.Tensor:
+        file, name = source
+        if file not in handles:
+            handles[file] = _open(file).__enter__()
+        try:
+            return handles[file].get_tensor(name).to(dtype)
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from err
+
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for ours, source in sorted(plan.items(), key=lambda kv: str(kv[1][0] if isinstance(kv[1], tuple)
+                                                                     else kv[1][0][0][0])):
+            if isinstance(source, tuple):
+                state[ours] = get(source)
+                continue
+            rule = next(r for r in arch.fuse_experts if ours.endswith("." + r.target))
+            experts = [torch.cat([get(s) for s in row], dim=0) for row in source]  # [out, in] each
+            state[ours] = torch.stack([w.T if rule.transposed else w for w in experts]).contiguous()
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    return state
+
+
+def _some(names: list[str], limit: int = 20) -> str:
+    """A list for an error message: the first `limit` names and how many more."""
+    shown = str(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 def _release_dtype(config, files: list[Path]) -> torch.dtype:
@@ -180,17 +254,7 @@ def from_official(path: str | os.PathLike, dtype: torch.dtype | str | None = Non
         model = arch.causal_lm_class(config)
     plan = plan_load(arch, model, files)  # every check happens before any data is read
 
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for ours, (file, name) in plan.items():
-        by_file.setdefault(file, []).append((ours, name))
-    state = {}
-    for file, names in by_file.items():
-        try:
-            with _open(file) as f:
-                for ours, name in names:
-                    state[ours] = f.get_tensor(name).to(dtype)
-        except SafetensorError as err:
-            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from err
+    state = _read(arch, plan, dtype)
     model.load_state_dict(state, strict=False, assign=True)  # plan_load has checked names and shapes
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -10,11 +10,28 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class FuseExperts:
+    """Per-expert release tensors `<experts>.<e>.<source>` fused into our 3-D parameter `<experts>.<target>`.
+
+    Each expert's sources (nn.Linear weights, [out, in]) are concatenated along dim 0 in the order given, then the
+    experts are stacked: [E, sum(out), in]; `transposed=True` stores each expert as [in, sum(out)] instead
+    (in-major layouts). Saving through `save_pretrained` writes the per-expert layout back (transformers'
+    conversion mapping, registered for our model_type from the same declaration).
+    """
+
+    sources: tuple[str, ...]  # e.g. ("gate_proj.weight", "up_proj.weight")
+    target: str  # e.g. "gate_up_proj"
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
 class Architecture:
     """One architecture and how its official releases map onto it.
 
-    `key_renames`: (official prefix, our prefix) pairs tried in order on every tensor name of a release.
+    `key_renames`: (regex, replacement) pairs tried in order on every tensor name of a release; the first that
+    matches is applied (once).
     `skip_keys`: (official prefix, reason) for tensors deliberately not loaded (a vision tower, say).
+    `fuse_experts`: per-expert release tensors fused into our 3-D expert parameters.
     `text_config_key`: where a multimodal release keeps the decoder's config inside config.json.
     """
 
@@ -27,6 +44,7 @@ class Architecture:
     text_config_key: str | None = None
     key_renames: tuple[tuple[str, str], ...] = ()
     skip_keys: tuple[tuple[str, str], ...] = ()
+    fuse_experts: tuple[FuseExperts, ...] = ()
     notes: str = ""
     _classes: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -57,13 +75,18 @@ _VISION = "vision tower: hf_archs loads the text decoder only"
 _PROJECTOR = "multimodal projector: hf_archs loads the text decoder only"
 # Multimodal releases keep the text decoder under a prefix: `language_model.model.*` on the Hub files,
 # `model.language_model.*` when transformers >= 5 saves them.
-_MULTIMODAL_TEXT = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                    ("model.language_model.", "model."))
+_MULTIMODAL_TEXT = ((r"^language_model\.model\.", "model."), (r"^language_model\.lm_head\.", "lm_head."),
+                    (r"^model\.language_model\.", "model."))
+# The common per-expert layout (Qwen3-MoE, DeepSeek V3, GLM-4.5, ...): experts.<e>.{gate,up,down}_proj.weight.
+SWIGLU_EXPERTS = (FuseExperts(("gate_proj.weight", "up_proj.weight"), "gate_up_proj"),
+                  FuseExperts(("down_proj.weight",), "down_proj"))
 _MULTIMODAL_TOWERS = (("vision_tower.", _VISION), ("model.vision_tower.", _VISION),
                       ("multi_modal_projector.", _PROJECTOR), ("model.multi_modal_projector.", _PROJECTOR))
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture("qwen3", "qwen3", "HfaQwen3Config", "HfaQwen3Model", "HfaQwen3ForCausalLM", ("qwen3",)),
+    Architecture("qwen3_moe", "qwen3_moe", "HfaQwen3MoeConfig", "HfaQwen3MoeModel", "HfaQwen3MoeForCausalLM",
+                 ("qwen3_moe",), fuse_experts=SWIGLU_EXPERTS),
     Architecture("smollm3", "smollm3", "HfaSmolLM3Config", "HfaSmolLM3Model", "HfaSmolLM3ForCausalLM", ("smollm3",)),
     Architecture("olmo2", "olmo2", "HfaOlmo2Config", "HfaOlmo2Model", "HfaOlmo2ForCausalLM", ("olmo2",)),
     Architecture("mistral3", "mistral3", "HfaMistral3Config", "HfaMistral3Model", "HfaMistral3ForCausalLM",
@@ -84,6 +107,20 @@ def by_official_model_type(model_type: str) -> Architecture:
     raise ValueError(f"model_type {model_type!r} is not supported by hf_archs; supported: {known}")
 
 
+def expert_conversions(rules: tuple[FuseExperts, ...]) -> list:
+    """The same fusions as transformers `WeightConverter`s, so `from_pretrained` fuses per-expert checkpoints and
+    `save_pretrained` writes them back per expert."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist, Transpose, WeightConverter
+
+    converters = []
+    for rule in rules:
+        ops = [MergeModulelist(dim=0)] + ([Concatenate(dim=1)] if len(rule.sources) > 1 else [])
+        ops += [Transpose(1, 2)] if rule.transposed else []
+        converters.append(WeightConverter(source_patterns=[f".experts.*.{s}" for s in rule.sources],
+                                          target_patterns=f".experts.{rule.target}", operations=ops))
+    return converters
+
+
 def register_all() -> list[str]:
     """Register every architecture with AutoConfig / AutoModel / AutoModelForCausalLM under `hfa_<name>`.
 
@@ -91,6 +128,7 @@ def register_all() -> list[str]:
     Returns the names that failed.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.conversion_mapping import register_checkpoint_conversion_mapping
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     failed = []
@@ -102,6 +140,8 @@ def register_all() -> list[str]:
                     raise RuntimeError(f"model_type {arch.model_type!r} is already registered by another package")
                 continue
             AutoConfig.register(arch.model_type, config_class)
+            if arch.fuse_experts:
+                register_checkpoint_conversion_mapping(arch.model_type, expert_conversions(arch.fuse_experts))
             AutoModel.register(config_class, arch.model_class)
             AutoModelForCausalLM.register(config_class, arch.causal_lm_class)
         except Exception as err:  # noqa: BLE001 - importing hf_archs must never fail

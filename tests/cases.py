@@ -25,7 +25,9 @@ class Case:
     reference: Callable[[dict[str, Any]], torch.nn.Module]  # transformers' own CausalLM from `official`
     # Writes the release in its publisher's layout from the reference model (default: save_pretrained).
     write_release: Callable[[torch.nn.Module, dict[str, Any], Path], None] | None = None
-    # Official names of the reference's text-decoder keys -> keys of the reference CausalLM (for the state_dict).
+    # Reference state_dict -> ours, where transformers' in-memory names differ from the release's (which ours
+    # keep): e.g. transformers renames MiniMax-M2's `block_sparse_moe` to `mlp`. Default: the same names.
+    to_ours: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     head_dim_given: bool = True
     layer_types_field: bool = True
     extra: dict[str, Any] = field(default_factory=dict)

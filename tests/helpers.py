@@ -30,7 +30,8 @@ def ours_from(case: Case, ref: torch.nn.Module, attn: str = "eager") -> torch.nn
     """Our model with the reference's weights, loaded strictly."""
     config = hf_archs.config_from_official(case.official_config())
     model = hf_archs.ARCHITECTURES[case.name].causal_lm_class(config)
-    model.load_state_dict(ref.state_dict(), strict=True)
+    state = ref.state_dict()
+    model.load_state_dict(case.to_ours(state) if case.to_ours else state, strict=True)
     model.set_attn_implementation(attn)
     return model.eval()
 
