@@ -244,6 +244,12 @@ def from_official(path: str | os.PathLike, dtype: torch.dtype | str | None = Non
         raise CheckpointError(f"{root}: not a directory")
     official = read_config(root)
     arch = by_official_model_type(official.get("model_type", ""))
+    quant = official.get("quantization_config") or (official.get(arch.text_config_key or "", None) or {}).get(
+        "quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant
+        raise CheckpointError(f"{root}: the release is quantized ({method!r}); from_official loads unquantized "
+                              f"releases only (convert the release with `hf-archs convert` first)")
     attn = kwargs.pop("attn_implementation", None)
     config = config_from_official(official, arch, **kwargs)
     files = _safetensors_files(root)
