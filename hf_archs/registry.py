@@ -32,6 +32,7 @@ class Architecture:
     matches is applied (once).
     `skip_keys`: (official prefix, reason) for tensors deliberately not loaded (a vision tower, say).
     `fuse_experts`: per-expert release tensors fused into our 3-D expert parameters.
+    `formats`: release formats (conversion/formats.py) besides HF layout that this architecture is shipped in.
     `text_config_key`: where a multimodal release keeps the decoder's config inside config.json.
     """
 
@@ -45,6 +46,10 @@ class Architecture:
     key_renames: tuple[tuple[str, str], ...] = ()
     skip_keys: tuple[tuple[str, str], ...] = ()
     fuse_experts: tuple[FuseExperts, ...] = ()
+    # Names (last component) of tensors whose quantized storage is [.., out, in] but which this architecture
+    # keeps as [.., in, out] (gpt-oss's MXFP4 experts): transposed after dequantization.
+    dequant_transposed: tuple[str, ...] = ()
+    formats: tuple[str, ...] = ()
     notes: str = ""
     _classes: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -83,6 +88,19 @@ SWIGLU_EXPERTS = (FuseExperts(("gate_proj.weight", "up_proj.weight"), "gate_up_p
 _MULTIMODAL_TOWERS = (("vision_tower.", _VISION), ("model.vision_tower.", _VISION),
                       ("multi_modal_projector.", _PROJECTOR), ("model.multi_modal_projector.", _PROJECTOR))
 
+# Gemma 3n: the text decoder is under `model.language_model.` (the release was written by transformers >= 4.53);
+# beside it an audio tower, a vision tower (timm MobileNet-V5) and one embedder for each. The E2B and E4B files also
+# keep k/v projections and k norms for their KV-shared layers (20-34 in both), which read an earlier layer's keys and
+# values and have none of their own (transformers >= 5 neither builds nor writes them).
+_AUDIO = "audio tower: hf_archs loads the text decoder only"
+_GEMMA3N_TEXT = ((r"^model\.language_model\.", "model."),)
+_GEMMA3N_KV_SHARED = "unused k/v projection of a KV-shared layer (it reuses an earlier layer's keys and values)"
+_GEMMA3N_TOWERS = (("model.vision_tower.", _VISION), ("model.audio_tower.", _AUDIO),
+                   ("model.embed_vision.", "vision embedder: hf_archs loads the text decoder only"),
+                   ("model.embed_audio.", "audio embedder: hf_archs loads the text decoder only"),
+                   *((f"model.language_model.layers.{i}.self_attn.{name}.", _GEMMA3N_KV_SHARED)
+                     for i in range(20, 35) for name in ("k_proj", "v_proj", "k_norm")))
+
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture("qwen3", "qwen3", "HfaQwen3Config", "HfaQwen3Model", "HfaQwen3ForCausalLM", ("qwen3",)),
     Architecture("qwen3_moe", "qwen3_moe", "HfaQwen3MoeConfig", "HfaQwen3MoeModel", "HfaQwen3MoeForCausalLM",
@@ -95,6 +113,37 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture("gemma3", "gemma3", "HfaGemma3Config", "HfaGemma3Model", "HfaGemma3ForCausalLM",
                  ("gemma3", "gemma3_text"), text_config_key="text_config",
                  key_renames=_MULTIMODAL_TEXT, skip_keys=_MULTIMODAL_TOWERS),
+    # Llama 4's release keeps fused input-major experts, as ours; its vision tower is `vision_model.`.
+    Architecture("llama4", "llama4", "HfaLlama4Config", "HfaLlama4Model", "HfaLlama4ForCausalLM",
+                 ("llama4", "llama4_text"), text_config_key="text_config", key_renames=_MULTIMODAL_TEXT,
+                 skip_keys=_MULTIMODAL_TOWERS + (("vision_model.", _VISION), ("model.vision_model.", _VISION))),
+    Architecture("gpt_oss", "gpt_oss", "HfaGptOssConfig", "HfaGptOssModel", "HfaGptOssForCausalLM", ("gpt_oss",),
+                 notes="the Hub root's experts are MXFP4: refused by its quantization_config until dequantized"),
+    # Grok 2.5's config.json says model_type "git", which is transformers' GIT captioner: not claimed here. The TP-8
+    # release is converted first (conversion/); the converted directory says "hfa_grok2", hence the entry.
+    Architecture("grok2", "grok2", "HfaGrok2Config", "HfaGrok2Model", "HfaGrok2ForCausalLM", ("hfa_grok2",),
+                 fuse_experts=(FuseExperts(("w1.weight", "w3.weight"), "gate_up_proj"),
+                               FuseExperts(("w2.weight",), "down_proj")),
+                 notes="release model_type 'git' clashes with transformers' GIT: detect by architectures"),
+    Architecture("gemma3n", "gemma3n", "HfaGemma3nConfig", "HfaGemma3nModel", "HfaGemma3nForCausalLM",
+                 ("gemma3n", "gemma3n_text"), text_config_key="text_config",
+                 key_renames=_GEMMA3N_TEXT, skip_keys=_GEMMA3N_TOWERS),
+    # GLM-4.5 / Air and MiniMax-M2 also store MTP layers after the decoder's (model.layers.<num_hidden_layers>...);
+    # until a skip rule can name layers by index relative to the config, such a release is refused by name.
+    Architecture("glm4_moe", "glm4_moe", "HfaGlm4MoeConfig", "HfaGlm4MoeModel", "HfaGlm4MoeForCausalLM",
+                 ("glm4_moe",), fuse_experts=SWIGLU_EXPERTS),
+    Architecture("minimax_m2", "minimax_m2", "HfaMiniMaxM2Config", "HfaMiniMaxM2Model", "HfaMiniMaxM2ForCausalLM",
+                 ("minimax_m2",), fuse_experts=(FuseExperts(("w1.weight", "w3.weight"), "gate_up_proj"),
+                                                FuseExperts(("w2.weight",), "down_proj")),
+                 notes="the only release is block-FP8: refused by its quantization_config until dequantized"),
+    # DeepSeek V3 / R1 and Kimi K2 (the same architecture; K2's releases say model_type kimi_k2 and get K2's
+    # defaults). The MTP layers `model.layers.<num_hidden_layers + k>.*` are loaded: our model keeps them there.
+    Architecture("deepseek_v3", "deepseek_v3", "HfaDeepseekV3Config", "HfaDeepseekV3Model",
+                 "HfaDeepseekV3ForCausalLM", ("deepseek_v3",), fuse_experts=SWIGLU_EXPERTS,
+                 notes="the official releases are block-FP8: refused by their quantization_config until dequantized"),
+    Architecture("kimi_k2", "kimi_k2", "HfaKimiK2Config", "HfaKimiK2Model", "HfaKimiK2ForCausalLM", ("kimi_k2",),
+                 fuse_experts=SWIGLU_EXPERTS,
+                 notes="K2 / K2-0905 are block-FP8, K2-Thinking INT4 experts: refused until dequantized"),
 ]}
 
 

@@ -268,4 +268,6 @@ def test_pickle_weights_are_never_loaded(tmp_path):
     for f in root.glob("*.safetensors"):
         f.unlink()
     torch.save(sd, root / "pytorch_model.bin")
-    _check_refused(root, r"no safetensors weights \(found \['pytorch_model.bin'\]: pickle files are never loaded\)")
+    _check_refused(root, r"no safetensors weights \(found \['pytorch_model.bin'\]: pickle files are never loaded;")
+    model = hf_archs.from_official(root, allow_pickle=True)  # opt-in: torch.load(weights_only=True)
+    assert torch.equal(model.state_dict()["model.embed_tokens.weight"], sd["model.embed_tokens.weight"])

@@ -1,0 +1,223 @@
+"""From the tensors a release holds to the tensors our model needs: a checked plan, before any data is read.
+
+Stage 1 (`logical_tensors`): quantized storage is grouped into logical weights (an FP8 weight and its
+`weight_scale_inv`, compressed-tensors' packed INT4 triples, MXFP4 blocks and scales), each a `Producer` that
+dequantizes when called. Stage 2 (`plan_tensors`): logical names are mapped to ours by the architecture's declared
+rules (skip with a reason, rename, fuse per-expert tensors) and checked against the model's state_dict: every
+missing, unexpected or mis-shaped tensor is named in one error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_archs.errors import CheckpointError
+from hf_archs.registry import Architecture
+
+from . import dequant
+from .io import Reader, Release, TensorInfo
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Producer:
+    """One tensor of ours (or of the release's logical view): its shape, what it reads, how to make it."""
+
+    shape: tuple[int, ...]
+    sources: list[tuple[Path, str]]
+    make: Callable[[Reader], torch.Tensor]
+    dequantized: bool = False
+    dtype: str | None = None  # the stored dtype (safetensors name) of a tensor read as is
+
+
+def _direct(info: TensorInfo) -> Producer:
+    return Producer(info.shape, [(info.file, info.name)], lambda r, i=info: r.get(i.file, i.name), dtype=info.dtype)
+
+
+def _some(names: list[str], limit: int = 20) -> str:
+    shown = str(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def quantization(official: dict[str, Any], text_config_key: str | None = None) -> dict[str, Any] | None:
+    quant = official.get("quantization_config")
+    if quant is None and text_config_key:
+        quant = (official.get(text_config_key) or {}).get("quantization_config")
+    return quant
+
+
+def logical_tensors(release: Release, quant: dict[str, Any] | None) -> tuple[dict[str, Producer], list[str]]:
+    """Group quantized storage into logical weights. Returns (name -> producer, notes on what was dequantized)."""
+    tensors = dict(release.tensors)
+    out: dict[str, Producer] = {}
+    notes: list[str] = []
+    method = (quant or {}).get("quant_method")
+    if method == "fp8":
+        block = tuple(quant.get("weight_block_size") or (dequant.FP8_BLOCK, dequant.FP8_BLOCK))
+        for name in [n for n in tensors if n.endswith("_scale_inv")]:
+            weight = tensors.get(name[: -len("_scale_inv")])
+            if weight is None:
+                continue
+            scale = tensors.pop(name)
+            del tensors[weight.name]
+            out[weight.name] = Producer(weight.shape, [(weight.file, weight.name), (scale.file, scale.name)],
+                                        lambda r, w=weight, s=scale: dequant.fp8_block(
+                                            r.get(w.file, w.name), r.get(s.file, s.name), block))
+        notes.append(f"fp8 e4m3 with {list(block)} block scales dequantized")
+    elif method == "compressed-tensors":
+        for name in [n for n in tensors if n.endswith(".weight_packed")]:
+            base = name[: -len(".weight_packed")]
+            parts = [tensors.pop(f"{base}.{p}", None) for p in ("weight_packed", "weight_scale", "weight_shape")]
+            if None in parts:
+                raise CheckpointError(f"{base}: pack-quantized weight without its weight_scale / weight_shape")
+            packed, scale, shape_t = parts
+            group = _group_size(quant, base)
+            out[f"{base}.weight"] = Producer(
+                (packed.shape[0], scale.shape[1] * group), [(p.file, p.name) for p in parts],
+                lambda r, p=packed, s=scale, t=shape_t, g=group: dequant.int4_pack(
+                    r.get(p.file, p.name), r.get(s.file, s.name), r.get(t.file, t.name), g))
+            out[f"{base}.weight"].shape = None  # the exact width comes from weight_shape; resolved below
+        for name in [n for n in tensors if n.endswith(".weight_scale")]:
+            base = name[: -len(".weight_scale")]
+            weight = tensors.get(f"{base}.weight")
+            if weight is None or not weight.dtype.startswith("F8"):
+                continue
+            scale = tensors.pop(name)
+            del tensors[weight.name]
+            tensors.pop(f"{base}.input_scale", None)  # a static activation scale: unused once weights are dequantized
+            out[weight.name] = Producer(weight.shape, [(weight.file, weight.name), (scale.file, scale.name)],
+                                        lambda r, w=weight, s=scale: dequant.fp8_scaled(
+                                            r.get(w.file, w.name), r.get(s.file, s.name)))
+        notes.append("compressed-tensors weights dequantized")
+    elif method == "mxfp4":
+        for name in [n for n in tensors if n.endswith("_blocks")]:
+            base = name[: -len("_blocks")]
+            scales = tensors.pop(f"{base}_scales", None)
+            if scales is None:
+                raise CheckpointError(f"{name}: mxfp4 blocks without {base}_scales")
+            blocks = tensors.pop(name)
+            out[base] = Producer((*blocks.shape[:-2], blocks.shape[-2] * 32),
+                                 [(blocks.file, blocks.name), (scales.file, scales.name)],
+                                 lambda r, b=blocks, s=scales: dequant.mxfp4(r.get(b.file, b.name),
+                                                                             r.get(s.file, s.name)))
+        notes.append("mxfp4 blocks dequantized")
+    elif method is not None:
+        raise CheckpointError(f"{release.root}: quantization method {method!r} is not supported "
+                              f"(supported: fp8, compressed-tensors, mxfp4)")
+    for prod in out.values():
+        prod.dequantized = True
+    for name, info in tensors.items():
+        out[name] = _direct(info)
+    # Resolve int4 widths from the small weight_shape tensors (read now: two ints each).
+    pending = [(n, p) for n, p in out.items() if p.shape is None]
+    if pending:
+        with Reader() as r:
+            for n, p in pending:
+                f, t = p.sources[2]
+                p.shape = tuple(int(v) for v in r.get(f, t).tolist())
+    return out, notes
+
+
+def _group_size(quant: dict[str, Any], base: str) -> int:
+    for group in (quant.get("config_groups") or {}).values():
+        weights = (group or {}).get("weights") or {}
+        if weights.get("group_size"):
+            return int(weights["group_size"])
+    return 32
+
+
+_EXPERT = re.compile(r"^(?P<module>.*\.experts)\.(?P<e>\d+)\.(?P<rest>.+)$")
+
+
+def map_name(arch: Architecture, name: str) -> str | None:
+    """Our tensor name for an official one, or None when a declared rule skips it."""
+    for prefix, _reason in arch.skip_keys:
+        if name.startswith(prefix):
+            return None
+    for pattern, repl in arch.key_renames:
+        new, n = re.subn(pattern, repl, name, count=1)
+        if n:
+            return new
+    return name
+
+
+def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logical: dict[str, Producer],
+                 optional: Iterable[str] = (), model_name: str = "the model"
+                 ) -> tuple[dict[str, Producer], dict[str, int]]:
+    """Map the release's logical tensors onto `expected` (our name -> shape). Raises on any problem.
+    Returns the plan and the count of tensors skipped per declared reason."""
+    fusions = {src: (i, rule) for rule in arch.fuse_experts for i, src in enumerate(rule.sources)}
+    transposed = set(arch.dequant_transposed)
+    plan: dict[str, Producer] = {}
+    grids: dict[str, dict[int, dict[int, Producer]]] = {}
+    unexpected, mis_shaped, missing_experts = [], [], []
+    skipped: dict[str, int] = {}
+    for name, prod in logical.items():
+        ours = map_name(arch, name)
+        if ours is None:
+            reason = next(r for p, r in arch.skip_keys if name.startswith(p))
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        if prod.dequantized and ours.rsplit(".", 1)[-1] in transposed:
+            # Quantized storage is [.., out, in]; this architecture keeps the tensor as [.., in, out].
+            prod = Producer((*prod.shape[:-2], prod.shape[-1], prod.shape[-2]), prod.sources,
+                            lambda r, p=prod: p.make(r).transpose(-1, -2).contiguous(), dequantized=True)
+        m = _EXPERT.match(ours)
+        if m and m["rest"] in fusions and ours not in expected:
+            i, rule = fusions[m["rest"]]
+            grids.setdefault(f"{m['module']}.{rule.target}", {}).setdefault(int(m["e"]), {})[i] = prod
+        elif ours not in expected:
+            unexpected.append(name)
+        elif expected[ours] != prod.shape:
+            mis_shaped.append(f"{name}: checkpoint {list(prod.shape)}, model {list(expected[ours])}")
+        else:
+            plan[ours] = prod
+    for target, grid in grids.items():
+        rule = next(r for r in arch.fuse_experts if target.endswith("." + r.target))
+        if target not in expected:
+            unexpected.extend(f"{target[: -len(rule.target) - 1]}.{e}.*" for e in grid)
+            continue
+        num_experts = expected[target][0]
+        module = target[: -len(rule.target) - 1]
+        holes = [f"{module}.{e}.{src}" for e in range(num_experts) for i, src in enumerate(rule.sources)
+                 if i not in grid.get(e, {})]
+        extra = [f"{module}.{e}.*" for e in grid if e >= num_experts]
+        if holes or extra:
+            missing_experts.extend(holes)
+            unexpected.extend(extra)
+            continue
+        rows = [[grid[e][i] for i in range(len(rule.sources))] for e in range(num_experts)]
+        in_dim = rows[0][0].shape[1]
+        out_dim = sum(p.shape[0] for p in rows[0])
+        fused = (num_experts, in_dim, out_dim) if rule.transposed else (num_experts, out_dim, in_dim)
+        if fused != expected[target] or any(len(p.shape) != 2 or p.shape[1] != in_dim for row in rows for p in row):
+            mis_shaped.append(f"{target} (from {len(rows)} experts x {list(rule.sources)}): checkpoint "
+                              f"{list(fused)}, model {list(expected[target])}")
+            continue
+
+        def make(r: Reader, rows=rows, rule=rule) -> torch.Tensor:
+            per_expert = [torch.cat([p.make(r) for p in row], dim=0) for row in rows]  # [out, in] each
+            return torch.stack([w.T if rule.transposed else w for w in per_expert]).contiguous()
+
+        plan[target] = Producer(expected[target], [s for row in rows for p in row for s in p.sources], make)
+    missing = sorted(set(expected) - set(plan) - set(optional) - set(grids))
+    problems = []
+    if missing or missing_experts:
+        problems.append(f"missing tensors: {_some(missing_experts + missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_some(unexpected)}")
+    if mis_shaped:
+        problems.append(f"mis-shaped tensors: {_some(mis_shaped)}")
+    if problems:
+        raise CheckpointError(f"cannot load the release into {model_name}: " + "; ".join(problems))
+    for reason, count in skipped.items():
+        logger.info("hf_archs: skipped %d tensors of the release (%s)", count, reason)
+    return plan, skipped
