@@ -50,12 +50,23 @@ class Architecture:
     # keeps as [.., in, out] (gpt-oss's MXFP4 experts): transposed after dequantization.
     dequant_transposed: tuple[str, ...] = ()
     formats: tuple[str, ...] = ()
+    # (model_type, architecture) of the official text-only CausalLM layout, where it differs from the release's.
+    export_as: tuple[str, str] | None = None
     notes: str = ""
     _classes: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def model_type(self) -> str:
         return "hfa_" + self.name
+
+    @property
+    def export_model_type(self) -> str:
+        """The official model_type of the text decoder as a plain CausalLM (for `hf-archs export`)."""
+        return self.export_as[0] if self.export_as else self.official_model_types[0]
+
+    @property
+    def export_architecture(self) -> str:
+        return self.export_as[1] if self.export_as else self.causal_lm.removeprefix("Hfa")
 
     def _load(self, attr: str):
         if attr not in self._classes:
@@ -109,10 +120,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture("olmo2", "olmo2", "HfaOlmo2Config", "HfaOlmo2Model", "HfaOlmo2ForCausalLM", ("olmo2",)),
     Architecture("mistral3", "mistral3", "HfaMistral3Config", "HfaMistral3Model", "HfaMistral3ForCausalLM",
                  ("mistral3", "mistral"), text_config_key="text_config",
-                 key_renames=_MULTIMODAL_TEXT, skip_keys=_MULTIMODAL_TOWERS),
+                 key_renames=_MULTIMODAL_TEXT, skip_keys=_MULTIMODAL_TOWERS,
+                 export_as=("mistral", "MistralForCausalLM")),
     Architecture("gemma3", "gemma3", "HfaGemma3Config", "HfaGemma3Model", "HfaGemma3ForCausalLM",
                  ("gemma3", "gemma3_text"), text_config_key="text_config",
-                 key_renames=_MULTIMODAL_TEXT, skip_keys=_MULTIMODAL_TOWERS),
+                 key_renames=_MULTIMODAL_TEXT, skip_keys=_MULTIMODAL_TOWERS,
+                 export_as=("gemma3_text", "Gemma3ForCausalLM")),
     # Llama 4's release keeps fused input-major experts, as ours; its vision tower is `vision_model.`.
     Architecture("llama4", "llama4", "HfaLlama4Config", "HfaLlama4Model", "HfaLlama4ForCausalLM",
                  ("llama4", "llama4_text"), text_config_key="text_config", key_renames=_MULTIMODAL_TEXT,
@@ -128,8 +141,9 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture("gemma3n", "gemma3n", "HfaGemma3nConfig", "HfaGemma3nModel", "HfaGemma3nForCausalLM",
                  ("gemma3n", "gemma3n_text"), text_config_key="text_config",
                  key_renames=_GEMMA3N_TEXT, skip_keys=_GEMMA3N_TOWERS),
-    # GLM-4.5 / Air and MiniMax-M2 also store MTP layers after the decoder's (model.layers.<num_hidden_layers>...);
-    # until a skip rule can name layers by index relative to the config, such a release is refused by name.
+    # GLM-4.5 / Air: the MTP layer `model.layers.<num_hidden_layers>.*` is loaded (our model keeps it there).
+    # MiniMax-M2's MTP modules `model.layers.<num_hidden_layers + i>.*` are not held by the model, and no skip rule
+    # can name layers relative to the config yet: such a release is refused by name (unexpected tensors).
     Architecture("glm4_moe", "glm4_moe", "HfaGlm4MoeConfig", "HfaGlm4MoeModel", "HfaGlm4MoeForCausalLM",
                  ("glm4_moe",), fuse_experts=SWIGLU_EXPERTS),
     Architecture("minimax_m2", "minimax_m2", "HfaMiniMaxM2Config", "HfaMiniMaxM2Model", "HfaMiniMaxM2ForCausalLM",
