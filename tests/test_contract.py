@@ -136,22 +136,24 @@ def test_save_and_auto_load_round_trip_is_bit_exact(case, tmp_path):
 
 
 @params
-def test_generate_keeps_only_the_window_on_sliding_layers(case):
+def test_generate_keeps_only_the_window_on_windowed_layers(case):
     ours = ours_from(case, reference(case))
     cfg = ours.config
-    sliding = [i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"]
+    windows = {"sliding_attention": getattr(cfg, "sliding_window", None),
+               "chunked_attention": getattr(cfg, "attention_chunk_size", None)}
     out = ours.generate(tokens(case, length=6), max_new_tokens=SEQ_LEN, min_new_tokens=SEQ_LEN, do_sample=False,
                         pad_token_id=0, return_dict_in_generate=True)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     total = out.sequences.shape[1] - 1
     shared = {i for i, mode in enumerate(getattr(cfg, "kv_sharing_modes", None) or []) if mode == "reuse"}
-    for i, layer in enumerate(cache.layers):
+    for i, (kind, layer) in enumerate(zip(cfg.layer_types, cache.layers)):
         if i in shared:  # a KV-shared layer (Gemma 3n) reads another layer's keys and values and stores none
             assert layer.keys is None
             continue
         kept = layer.keys.shape[-2]
-        if i in sliding:
-            assert kept <= cfg.sliding_window < total
+        window = windows.get(kind)
+        if window is not None:
+            assert kept <= window < total
         else:
             assert kept == total
 
