@@ -6,6 +6,7 @@
 
 from .errors import CheckpointError, ConfigError, InputError
 from .official import config_from_official, from_official
+from .presets import preset
 from .registry import ARCHITECTURES, Architecture, by_official_model_type, register_all
 
 __version__ = "0.1.0"
@@ -13,4 +14,4 @@ __version__ = "0.1.0"
 _registration_failures = register_all()
 
 __all__ = ["ARCHITECTURES", "Architecture", "CheckpointError", "ConfigError", "InputError", "__version__",
-           "by_official_model_type", "config_from_official", "from_official", "register_all"]
+           "by_official_model_type", "config_from_official", "from_official", "preset", "register_all"]

@@ -66,8 +66,9 @@ def test_tiny_config_keeps_the_flagship_layout(name):
     assert type(AutoModel.from_config(tiny)) is arch.model_class
 
 
-def test_tour_command_runs_and_reports(capsys):
-    assert main(["tour", "--arch", NAMES[0], "--quiet", "--format", "json", "--new-tokens", "4"]) == 0
+def test_tour_command_runs_and_reports(capsys, tmp_path):
+    assert main(["tour", "--arch", NAMES[0], "--quiet", "--format", "json", "--new-tokens", "4",
+                 "--out", str(tmp_path / "tour")]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["architecture"] for r in rows] == [NAMES[0]]
     assert rows[0]["reload_exact"] is True and rows[0]["generated"] == 4
