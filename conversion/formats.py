@@ -39,9 +39,9 @@ def read_json(file: Path) -> dict[str, Any]:
 
 
 def _hf_tensors(root: Path, official: dict[str, Any], allow_pickle: bool):
-    from hf_archs.registry import by_official_model_type
+    from hf_archs.registry import by_official_config
 
-    arch = by_official_model_type(official.get("model_type", ""))
+    arch = by_official_config(official)
     release = Release(root, allow_pickle=allow_pickle)
     logical, notes = logical_tensors(release, quantization(official, arch.text_config_key))
     return logical, release.source_files(), notes
@@ -55,9 +55,9 @@ HF = Format("hf", "the publisher's Hugging Face layout: config.json + safetensor
 
 
 def formats() -> dict[str, Format]:
-    from . import mistral
+    from . import llama4_original, mistral
 
-    return {f.name: f for f in (HF, mistral.FORMAT)}
+    return {f.name: f for f in (HF, mistral.FORMAT, llama4_original.FORMAT)}
 
 
 def detect(root: Path, name: str | None = None) -> Format:

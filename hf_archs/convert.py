@@ -54,7 +54,11 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
     state = prep.model.state_dict()
     tied = bool(getattr(prep.config, "tie_word_embeddings", False))
     names = [n for n in state if not (tied and n == "lm_head.weight")]
-    entries = [(n, tuple(state[n].shape), dtype if state[n].is_floating_point() else state[n].dtype) for n in names]
+    from .official import fp32_names
+
+    keep = fp32_names(prep.model, names, dtype)
+    entries = [(n, tuple(state[n].shape), (torch.float32 if n in keep else dtype) if state[n].is_floating_point()
+                else state[n].dtype) for n in names]
     for name, _shape, _dt in entries:
         if name not in prep.plan:
             raise CheckpointError(f"internal: no plan for {name}")
@@ -130,11 +134,12 @@ def _carry_tokenizer(src: Path, dst: Path) -> tuple[list[str], list[str]]:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
             carried.append(name)
-    own = [n for n in ("tekken.json", "tokenizer.model") if (src / n).is_file()]
-    missing = [] if "tokenizer.json" in carried else (
-        [f"tokenizer.json (the release ships {own}: no faithful conversion here yet)"] if own
-        else ["tokenizer.json"])
-    return carried, missing
+    if "tokenizer.json" in carried:
+        return carried, []
+    from conversion.tokenizer import convert_release_tokenizer  # tekken.json, Llama 4's tiktoken model
+
+    written, missing = convert_release_tokenizer(src, dst)
+    return carried + [n for n in written if n not in carried], missing
 
 
 def _reload_check(root: Path, entries, total_bytes: int) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from .errors import CheckpointError
 from .modeling_base import HfaPreTrainedModel
-from .registry import Architecture, by_official_model_type
+from .registry import Architecture, by_official_config, by_official_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def config_from_official(official: dict[str, Any], arch: Architecture | None = None, **overrides: Any):
     """Build this package's config from an official config.json dict (the decoder part of a multimodal one)."""
-    arch = arch or by_official_model_type(official.get("model_type", ""))
+    arch = arch or by_official_config(official)
     cfg = dict(official)
     if arch.text_config_key and arch.text_config_key in cfg:
         outer = cfg
@@ -67,7 +67,7 @@ def prepare(path: str | os.PathLike, format: str | None = None, allow_pickle: bo
     root = Path(path)
     fmt = detect(root, format)
     official = fmt.official_config(root)
-    arch = by_official_model_type(official.get("model_type", ""))
+    arch = by_official_config(official)
     config = config_from_official(official, arch, **overrides)
     logical, sources, notes = fmt.tensors(root, official, allow_pickle)
     with torch.device("meta"):
@@ -117,8 +117,10 @@ def from_official(path: str | os.PathLike, dtype: torch.dtype | str | None = Non
     prep = prepare(path, format, allow_pickle, **kwargs)  # every check happens before any data is read
     dtype = prep.dtype(dtype)
     model, config = prep.model, prep.config
+    keep = fp32_names(model, prep.plan, dtype)
     with Reader() as reader:
-        state = {name: prod.make(reader).to(dtype) for name, prod in prep.plan.items()}
+        state = {name: prod.make(reader).to(torch.float32 if name in keep else dtype)
+                 for name, prod in prep.plan.items()}
     model.load_state_dict(state, strict=False, assign=True)  # the plan has checked names and shapes
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -130,6 +132,16 @@ def from_official(path: str | os.PathLike, dtype: torch.dtype | str | None = Non
         model.set_attn_implementation(attn)
     model.config.dtype = dtype
     return model.eval()
+
+
+def fp32_names(model: torch.nn.Module, names, dtype: torch.dtype) -> set[str]:
+    """Tensors the model keeps in fp32 whatever the load dtype (`_keep_in_fp32_modules[_strict]`, transformers'
+    convention: a listed name matches a module name component of the tensor's name)."""
+    if dtype == torch.float32:
+        return set()
+    modules = set(getattr(model, "_keep_in_fp32_modules", None) or []) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return {n for n in names if any(m in n.split(".") or f".{m}." in f".{n}" for m in modules)}
 
 
 def map_name(arch: Architecture, name: str) -> str | None:

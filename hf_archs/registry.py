@@ -50,6 +50,8 @@ class Architecture:
     # keeps as [.., in, out] (gpt-oss's MXFP4 experts): transposed after dequantization.
     dequant_transposed: tuple[str, ...] = ()
     formats: tuple[str, ...] = ()
+    # `architectures` entries of releases whose model_type cannot identify them (Grok 2.5 says "git").
+    official_architectures: tuple[str, ...] = ()
     # (model_type, architecture) of the official text-only CausalLM layout, where it differs from the release's.
     export_as: tuple[str, str] | None = None
     notes: str = ""
@@ -62,7 +64,9 @@ class Architecture:
     @property
     def export_model_type(self) -> str:
         """The official model_type of the text decoder as a plain CausalLM (for `hf-archs export`)."""
-        return self.export_as[0] if self.export_as else self.official_model_types[0]
+        if self.export_as:
+            return self.export_as[0]
+        return self.official_model_types[0] if self.official_model_types else self.model_type
 
     @property
     def export_architecture(self) -> str:
@@ -131,16 +135,19 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
                  ("llama4", "llama4_text"), text_config_key="text_config", key_renames=_MULTIMODAL_TEXT,
                  skip_keys=_MULTIMODAL_TOWERS + (("vision_model.", _VISION), ("model.vision_model.", _VISION))),
     Architecture("gpt_oss", "gpt_oss", "HfaGptOssConfig", "HfaGptOssModel", "HfaGptOssForCausalLM", ("gpt_oss",),
-                 notes="the Hub root's experts are MXFP4: refused by its quantization_config until dequantized"),
-    # Grok 2.5's config.json says model_type "git", which is transformers' GIT captioner: not claimed here. The TP-8
-    # release is converted first (conversion/); the converted directory says "hfa_grok2", hence the entry.
-    Architecture("grok2", "grok2", "HfaGrok2Config", "HfaGrok2Model", "HfaGrok2ForCausalLM", ("hfa_grok2",),
+                 dequant_transposed=("gate_up_proj", "down_proj"),
+                 notes="the Hub root's experts are MXFP4 along the input dim: dequantized, then [E, in, out]"),
+    # Grok 2.5's config.json says model_type "git", which is transformers' GIT captioner: not claimed here (no
+    # official model_type). Its releases say `architectures: ["Grok1ForCausalLM"]`; converted ones "hfa_grok2".
+    Architecture("grok2", "grok2", "HfaGrok2Config", "HfaGrok2Model", "HfaGrok2ForCausalLM", (),
+                 official_architectures=("Grok1ForCausalLM",),
                  fuse_experts=(FuseExperts(("w1.weight", "w3.weight"), "gate_up_proj"),
                                FuseExperts(("w2.weight",), "down_proj")),
                  notes="release model_type 'git' clashes with transformers' GIT: detect by architectures"),
     Architecture("gemma3n", "gemma3n", "HfaGemma3nConfig", "HfaGemma3nModel", "HfaGemma3nForCausalLM",
                  ("gemma3n", "gemma3n_text"), text_config_key="text_config",
-                 key_renames=_GEMMA3N_TEXT, skip_keys=_GEMMA3N_TOWERS),
+                 key_renames=_GEMMA3N_TEXT, skip_keys=_GEMMA3N_TOWERS,
+                 export_as=("gemma3n_text", "Gemma3nForCausalLM")),
     # GLM-4.5 / Air: the MTP layer `model.layers.<num_hidden_layers>.*` is loaded (our model keeps it there).
     # MiniMax-M2's MTP modules `model.layers.<num_hidden_layers + i>.*` are not held by the model, and no skip rule
     # can name layers relative to the config yet: such a release is refused by name (unexpected tensors).
@@ -182,6 +189,16 @@ def expert_conversions(rules: tuple[FuseExperts, ...]) -> list:
         converters.append(WeightConverter(source_patterns=[f".experts.*.{s}" for s in rule.sources],
                                           target_patterns=f".experts.{rule.target}", operations=ops))
     return converters
+
+
+def by_official_config(official: dict) -> Architecture:
+    """The architecture of a release's config.json: by `architectures` where a release's model_type is ambiguous
+    (declared per architecture), else by model_type."""
+    for name in official.get("architectures") or ():
+        for arch in ARCHITECTURES.values():
+            if name in arch.official_architectures:
+                return arch
+    return by_official_model_type(official.get("model_type", ""))
 
 
 def register_all() -> list[str]:

@@ -26,7 +26,11 @@ def test_every_architecture_registered_without_failures():
         assert CONFIG_MAPPING[arch.model_type] is arch.config_class
         config = AutoConfig.for_model(arch.model_type)
         assert type(config) is arch.config_class
-        assert hf_archs.by_official_model_type(arch.official_model_types[0]) is arch
+        for official in arch.official_model_types:
+            assert hf_archs.by_official_model_type(official) is arch
+        for name in arch.official_architectures:
+            assert hf_archs.registry.by_official_config({"model_type": "git", "architectures": [name]}) is arch
+        assert arch.official_model_types or arch.official_architectures, arch.name
         assert hf_archs.by_official_model_type(arch.model_type) is arch
 
 
