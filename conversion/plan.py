@@ -137,11 +137,24 @@ def _group_size(quant: dict[str, Any], base: str) -> int:
 _EXPERT = re.compile(r"^(?P<module>.*\.experts)\.(?P<e>\d+)\.(?P<rest>.+)$")
 
 
-def map_name(arch: Architecture, name: str) -> str | None:
-    """Our tensor name for an official one, or None when a declared rule skips it."""
-    for prefix, _reason in arch.skip_keys:
+def skip_reason(arch: Architecture, name: str, num_layers: int | None = None) -> str | None:
+    """The reason of the declared rule that skips an official tensor name, or None. `num_layers`: the model's
+    num_hidden_layers, for `skip_trailing_layers`."""
+    for prefix, reason in arch.skip_keys:
         if name.startswith(prefix):
-            return None
+            return reason
+    if arch.skip_trailing_layers is not None and num_layers is not None:
+        prefix, reason = arch.skip_trailing_layers
+        index = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+        if index.isdigit() and int(index) >= num_layers:
+            return reason
+    return None
+
+
+def map_name(arch: Architecture, name: str, num_layers: int | None = None) -> str | None:
+    """Our tensor name for an official one, or None when a declared rule skips it."""
+    if skip_reason(arch, name, num_layers) is not None:
+        return None
     for pattern, repl in arch.key_renames:
         new, n = re.subn(pattern, repl, name, count=1)
         if n:
@@ -150,7 +163,7 @@ def map_name(arch: Architecture, name: str) -> str | None:
 
 
 def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logical: dict[str, Producer],
-                 optional: Iterable[str] = (), model_name: str = "the model"
+                 optional: Iterable[str] = (), model_name: str = "the model", num_layers: int | None = None
                  ) -> tuple[dict[str, Producer], dict[str, int]]:
     """Map the release's logical tensors onto `expected` (our name -> shape). Raises on any problem.
     Returns the plan and the count of tensors skipped per declared reason."""
@@ -160,12 +173,13 @@ def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logic
     grids: dict[str, dict[int, dict[int, Producer]]] = {}
     unexpected, mis_shaped, missing_experts = [], [], []
     skipped: dict[str, int] = {}
+    names: dict[int, str] = {}  # id(producer) -> official name, for per-expert messages
     for name, prod in logical.items():
-        ours = map_name(arch, name)
-        if ours is None:
-            reason = next(r for p, r in arch.skip_keys if name.startswith(p))
+        reason = skip_reason(arch, name, num_layers)
+        if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
+        ours = map_name(arch, name)
         if prod.dequantized and ours.rsplit(".", 1)[-1] in transposed:
             # Quantized storage is [.., out, in]; this architecture keeps the tensor as [.., in, out].
             prod = Producer((*prod.shape[:-2], prod.shape[-1], prod.shape[-2]), prod.sources,
@@ -174,6 +188,7 @@ def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logic
         if m and m["rest"] in fusions and ours not in expected:
             i, rule = fusions[m["rest"]]
             grids.setdefault(f"{m['module']}.{rule.target}", {}).setdefault(int(m["e"]), {})[i] = prod
+            names[id(prod)] = name
         elif ours not in expected:
             unexpected.append(name)
         elif expected[ours] != prod.shape:
@@ -199,8 +214,13 @@ def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logic
         out_dim = sum(p.shape[0] for p in rows[0])
         fused = (num_experts, in_dim, out_dim) if rule.transposed else (num_experts, out_dim, in_dim)
         if fused != expected[target] or any(len(p.shape) != 2 or p.shape[1] != in_dim for row in rows for p in row):
-            mis_shaped.append(f"{target} (from {len(rows)} experts x {list(rule.sources)}): checkpoint "
-                              f"{list(fused)}, model {list(expected[target])}")
+            # Name each per-expert tensor off the shape the model needs (the sources split the rows evenly).
+            want_out, want_in = expected[target][:0:-1] if rule.transposed else expected[target][1:]
+            want = (want_out // len(rule.sources), want_in)
+            odd = [f"{names[id(p)]}: checkpoint {list(p.shape)}, model {list(want)} (into {target})"
+                   for row in rows for p in row if tuple(p.shape) != want]
+            mis_shaped.extend(odd or [f"{target} (from {len(rows)} experts x {list(rule.sources)}): checkpoint "
+                                      f"{list(fused)}, model {list(expected[target])}"])
             continue
 
         def make(r: Reader, rows=rows, rule=rule) -> torch.Tensor:

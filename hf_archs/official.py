@@ -74,7 +74,7 @@ def prepare(path: str | os.PathLike, format: str | None = None, allow_pickle: bo
         model = arch.causal_lm_class(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     optional = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    plan, skipped = plan_tensors(arch, expected, logical, optional, type(model).__name__)
+    plan, skipped = plan_tensors(arch, expected, logical, optional, type(model).__name__, config.num_hidden_layers)
     return Prepared(root, fmt.name, official, arch, config, model, plan, skipped, sources, notes, logical)
 
 
@@ -144,7 +144,7 @@ def fp32_names(model: torch.nn.Module, names, dtype: torch.dtype) -> set[str]:
     return {n for n in names if any(m in n.split(".") or f".{m}." in f".{n}" for m in modules)}
 
 
-def map_name(arch: Architecture, name: str) -> str | None:
+def map_name(arch: Architecture, name: str, num_layers: int | None = None) -> str | None:
     from conversion.plan import map_name as _map
 
-    return _map(arch, name)
+    return _map(arch, name, num_layers)

@@ -22,6 +22,9 @@ class FuseExperts:
     sources: tuple[str, ...]  # e.g. ("gate_proj.weight", "up_proj.weight")
     target: str  # e.g. "gate_up_proj"
     transposed: bool = False
+    # The experts module's name inside a layer. transformers' conversion patterns are regexes matched anywhere in a
+    # key, and `.experts.down_proj` would also match `shared_experts.down_proj`: the parent name keeps them apart.
+    module: str = "mlp.experts"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class Architecture:
     `key_renames`: (regex, replacement) pairs tried in order on every tensor name of a release; the first that
     matches is applied (once).
     `skip_keys`: (official prefix, reason) for tensors deliberately not loaded (a vision tower, say).
+    `skip_trailing_layers`: (layer prefix, reason): skip `<prefix><i>.*` for every i >= num_hidden_layers, the
+    layers a release stores after the decoder's (MTP modules) when the model does not hold them.
     `fuse_experts`: per-expert release tensors fused into our 3-D expert parameters.
     `formats`: release formats (conversion/formats.py) besides HF layout that this architecture is shipped in.
     `text_config_key`: where a multimodal release keeps the decoder's config inside config.json.
@@ -45,6 +50,7 @@ class Architecture:
     text_config_key: str | None = None
     key_renames: tuple[tuple[str, str], ...] = ()
     skip_keys: tuple[tuple[str, str], ...] = ()
+    skip_trailing_layers: tuple[str, str] | None = None
     fuse_experts: tuple[FuseExperts, ...] = ()
     # Names (last component) of tensors whose quantized storage is [.., out, in] but which this architecture
     # keeps as [.., in, out] (gpt-oss's MXFP4 experts): transposed after dequantization.
@@ -100,6 +106,9 @@ _MULTIMODAL_TEXT = ((r"^language_model\.model\.", "model."), (r"^language_model\
 # The common per-expert layout (Qwen3-MoE, DeepSeek V3, GLM-4.5, ...): experts.<e>.{gate,up,down}_proj.weight.
 SWIGLU_EXPERTS = (FuseExperts(("gate_proj.weight", "up_proj.weight"), "gate_up_proj"),
                   FuseExperts(("down_proj.weight",), "down_proj"))
+# Mixtral's per-expert names under `block_sparse_moe` (MiniMax-M2, Grok 2.5): w1 = gate, w3 = up, w2 = down.
+_W1_W3_W2_EXPERTS = (FuseExperts(("w1.weight", "w3.weight"), "gate_up_proj", module="block_sparse_moe.experts"),
+                     FuseExperts(("w2.weight",), "down_proj", module="block_sparse_moe.experts"))
 _MULTIMODAL_TOWERS = (("vision_tower.", _VISION), ("model.vision_tower.", _VISION),
                       ("multi_modal_projector.", _PROJECTOR), ("model.multi_modal_projector.", _PROJECTOR))
 
@@ -141,22 +150,21 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     # official model_type). Its releases say `architectures: ["Grok1ForCausalLM"]`; converted ones "hfa_grok2".
     Architecture("grok2", "grok2", "HfaGrok2Config", "HfaGrok2Model", "HfaGrok2ForCausalLM", (),
                  official_architectures=("Grok1ForCausalLM",),
-                 fuse_experts=(FuseExperts(("w1.weight", "w3.weight"), "gate_up_proj"),
-                               FuseExperts(("w2.weight",), "down_proj")),
+                 fuse_experts=_W1_W3_W2_EXPERTS,
                  notes="release model_type 'git' clashes with transformers' GIT: detect by architectures"),
     Architecture("gemma3n", "gemma3n", "HfaGemma3nConfig", "HfaGemma3nModel", "HfaGemma3nForCausalLM",
                  ("gemma3n", "gemma3n_text"), text_config_key="text_config",
                  key_renames=_GEMMA3N_TEXT, skip_keys=_GEMMA3N_TOWERS,
                  export_as=("gemma3n_text", "Gemma3nForCausalLM")),
     # GLM-4.5 / Air: the MTP layer `model.layers.<num_hidden_layers>.*` is loaded (our model keeps it there).
-    # MiniMax-M2's MTP modules `model.layers.<num_hidden_layers + i>.*` are not held by the model, and no skip rule
-    # can name layers relative to the config yet: such a release is refused by name (unexpected tensors).
+    # MiniMax-M2's MTP modules `model.layers.<num_hidden_layers + i>.*` are skipped: the model does not hold them.
     Architecture("glm4_moe", "glm4_moe", "HfaGlm4MoeConfig", "HfaGlm4MoeModel", "HfaGlm4MoeForCausalLM",
                  ("glm4_moe",), fuse_experts=SWIGLU_EXPERTS),
     Architecture("minimax_m2", "minimax_m2", "HfaMiniMaxM2Config", "HfaMiniMaxM2Model", "HfaMiniMaxM2ForCausalLM",
-                 ("minimax_m2",), fuse_experts=(FuseExperts(("w1.weight", "w3.weight"), "gate_up_proj"),
-                                                FuseExperts(("w2.weight",), "down_proj")),
-                 notes="the only release is block-FP8: refused by its quantization_config until dequantized"),
+                 ("minimax_m2",), fuse_experts=_W1_W3_W2_EXPERTS,
+                 skip_trailing_layers=("model.layers.", "MTP layers: not loaded until the MTP head supports this "
+                                                        "layout (the modules' inner names are unverified)"),
+                 notes="the only release is block-FP8: dequantized at load"),
     # DeepSeek V3 / R1 and Kimi K2 (the same architecture; K2's releases say model_type kimi_k2 and get K2's
     # defaults). The MTP layers `model.layers.<num_hidden_layers + k>.*` are loaded: our model keeps them there.
     Architecture("deepseek_v3", "deepseek_v3", "HfaDeepseekV3Config", "HfaDeepseekV3Model",
@@ -165,6 +173,17 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture("kimi_k2", "kimi_k2", "HfaKimiK2Config", "HfaKimiK2Model", "HfaKimiK2ForCausalLM", ("kimi_k2",),
                  fuse_experts=SWIGLU_EXPERTS,
                  notes="K2 / K2-0905 are block-FP8, K2-Thinking INT4 experts: refused until dequantized"),
+    # Qwen3-Next: the release's one MTP layer `mtp.*` (shared fc and norms around `mtp.layers.0`) is held as
+    # `mtp.layers.0` with hf_archs/mtp.py's names. Kimi Linear: per-expert w1 / w3 / w2 (gate / up / down).
+    Architecture("qwen3_next", "qwen3_next", "HfaQwen3NextConfig", "HfaQwen3NextModel", "HfaQwen3NextForCausalLM",
+                 ("qwen3_next",), fuse_experts=SWIGLU_EXPERTS,
+                 key_renames=((r"^mtp\.fc\.", "mtp.layers.0.eh_proj."),
+                              (r"^mtp\.pre_fc_norm_embedding\.", "mtp.layers.0.enorm."),
+                              (r"^mtp\.pre_fc_norm_hidden\.", "mtp.layers.0.hnorm."),
+                              (r"^mtp\.norm\.", "mtp.layers.0.shared_head.norm.")),
+                 notes="-FP8 releases are block-FP8: refused by their quantization_config until dequantized"),
+    Architecture("kimi_linear", "kimi_linear", "HfaKimiLinearConfig", "HfaKimiLinearModel", "HfaKimiLinearForCausalLM",
+                 ("kimi_linear",), fuse_experts=_W1_W3_W2_EXPERTS),
 ]}
 
 
@@ -186,8 +205,8 @@ def expert_conversions(rules: tuple[FuseExperts, ...]) -> list:
     for rule in rules:
         ops = [MergeModulelist(dim=0)] + ([Concatenate(dim=1)] if len(rule.sources) > 1 else [])
         ops += [Transpose(1, 2)] if rule.transposed else []
-        converters.append(WeightConverter(source_patterns=[f".experts.*.{s}" for s in rule.sources],
-                                          target_patterns=f".experts.{rule.target}", operations=ops))
+        converters.append(WeightConverter(source_patterns=[f"{rule.module}.*.{s}" for s in rule.sources],
+                                          target_patterns=f"{rule.module}.{rule.target}", operations=ops))
     return converters
 
 

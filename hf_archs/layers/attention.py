@@ -89,9 +89,6 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin, self.interleaved_rope), apply_rope(k, cos, sin, self.interleaved_rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        if self.softcap is not None and attention_fn is not eager_attention:
-            # transformers' sdpa kernel would ignore the cap silently: refuse rather than compute something else.
-            raise ValueError("attention logit soft-capping needs attn_implementation='eager'")
         out, _ = attention_fn(self, q, k, v, attention_mask, scaling=self.scaling,
                               dropout=self.attention_dropout if self.training else 0.0,
                               sliding_window=self.sliding_window, softcap=self.softcap, **kwargs)

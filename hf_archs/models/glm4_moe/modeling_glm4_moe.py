@@ -1,0 +1,192 @@
+"""GLM-4.5 / GLM-4.5-Air: a GQA decoder with a dense prefix and DeepSeek-style routed experts.
+
+How it differs from a plain pre-norm GQA decoder (Llama):
+- Attention: biases on q/k/v (none on o), `head_dim` from the release (96 heads x 128 = 12288 > hidden 5120),
+  optional per-head QK-norm before RoPE (`use_qk_norm`: GLM-4.5 yes, Air no), partial RoPE on the first half
+  of each head (`partial_rotary_factor` 0.5, rotate-half pairing).
+- MLP plan (`mlp_layer_types`): the first `first_k_dense_replace` layers are dense SwiGLU; the others route.
+- Routed layers: sigmoid router in fp32 whose choice adds `e_score_correction_bias` (aux-loss-free balancing)
+  and is limited to the `topk_group` best of `n_group` groups; weights are the unbiased scores, renormalised,
+  times `routed_scaling_factor`; plus one always-on shared expert (`mlp.shared_experts`).
+- Experts are fused 3-D parameters; the release's per-expert `mlp.experts.<e>.{gate,up,down}_proj.weight` are
+  fused at load and written back on save.
+- `num_nextn_predict_layers` MTP layers follow the decoder in `model.layers` (the release's layout: layer 92 of
+  GLM-4.5, 46 of Air): a routed decoder layer plus enorm / hnorm / eh_proj / embed_tokens / shared_head, run by
+  `hf_archs/mtp.py` (training loss, `generate(use_mtp=True)`), never by the main forward.
+References: https://arxiv.org/abs/2508.06471 (GLM-4.5),
+https://github.com/huggingface/transformers/blob/main/src/transformers/models/glm4_moe/modeling_glm4_moe.py
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from ...errors import InputError
+from ...layers import Attention, GatedMLP, RMSNorm, attention_function
+from ...layers.moe import Experts, TopKRouter, act_glu
+from ...modeling_base import MASK_FUNCTIONS, HfaPreTrainedModel, MoECausalLM, MoEDecoderModel, check_input_ids
+from ...mtp import MTPLayer, MultiTokenPrediction
+from .configuration_glm4_moe import HfaGlm4MoeConfig
+
+
+def sigmoid_grouped_topk_in_slot_order(logits: torch.Tensor, top_k: int, correction_bias: torch.Tensor | None = None,
+                                       n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+                                       routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same as layers.moe.sigmoid_grouped_topk except: the k chosen experts come in `torch.topk(sorted=False)`
+    order, as transformers' GLM-4.5 / MiniMax-M2 routers return them. The order reaches bf16 outputs: the k
+    weights are normalised by their fp32 sum, and `SlotSumExperts` adds the k expert outputs in slot order."""
+    scores = logits.float().sigmoid()  # [tokens, experts]
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if n_group > 1:
+        grouped = choice.unflatten(-1, (n_group, -1))  # [tokens, groups, experts / group]
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # a group scores by its best two
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(
+            1, group_scores.topk(topk_group, dim=-1).indices, True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+    indices = choice.topk(top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, indices)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, indices
+
+
+class SlotSumExperts(Experts):
+    """Same as Experts except: each token's k weighted expert outputs are summed in top-k slot order, in the dtype
+    of `output * weight` (fp32 with fp32 routing weights), and rounded to the activations' dtype once. This is
+    transformers' grouped_mm combine; in bf16, accumulating into a bf16 buffer (as `Experts` does) rounds
+    differently once the router's weights are fp32 (DeepSeek-style routers) or k > 2."""
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        tokens, k = top_k_index.shape
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        routed = x[order // k]  # [T * k, H], contiguous per expert
+        out = torch.empty_like(routed)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                out[start:start + n] = self.expert_forward(routed[start:start + n], e).to(out.dtype)
+                start += n
+        weighted = out * top_k_weights.reshape(-1)[order, None]  # promotes to the weights' dtype
+        weighted = weighted[torch.argsort(order)]  # back to [token, slot] order
+        return weighted.view(tokens, k, -1).sum(dim=1).to(x.dtype)
+
+
+class Glm4MoeSparseBlock(nn.Module):
+    def __init__(self, config: HfaGlm4MoeConfig) -> None:
+        super().__init__()
+        c = config
+        self.gate = TopKRouter(c.hidden_size, c.n_routed_experts, functools.partial(
+            sigmoid_grouped_topk_in_slot_order, top_k=c.num_experts_per_tok, n_group=c.n_group,
+            topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor),
+            correction_bias=True, fp32=True)
+        self.experts = SlotSumExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
+                                      glu=act_glu(c.hidden_act))
+        self.shared_experts = GatedMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, act=c.hidden_act)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        b, t, h = hidden_states.shape
+        x = hidden_states.reshape(-1, h)
+        _, weights, indices = self.gate(x)
+        return self.experts(x, indices, weights).reshape(b, t, h) + self.shared_experts(hidden_states)
+
+
+class Glm4MoeDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: HfaGlm4MoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        norm = (lambda: RMSNorm(c.head_dim, eps=c.rms_norm_eps)) if c.use_qk_norm else (lambda: None)
+        self.self_attn = Attention(
+            hidden_size=c.hidden_size, num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim, layer_idx=layer_idx, bias=c.attention_bias, o_bias=False,
+            dropout=c.attention_dropout, q_norm=norm(), k_norm=norm())  # per head, before RoPE
+        self.mlp = (Glm4MoeSparseBlock(c) if c.mlp_layer_type(layer_idx) == "sparse"
+                    else GatedMLP(c.hidden_size, c.intermediate_size, act=c.hidden_act))
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings, attention_mask, cache=None,
+                **kwargs) -> torch.Tensor:
+        h = hidden_states + self.self_attn(self.input_layernorm(hidden_states), position_embeddings,
+                                           attention_mask, cache, **kwargs)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Glm4MoeMTPLayer(MTPLayer, Glm4MoeDecoderLayer):
+    """GLM's MTP module `model.layers.{num_hidden_layers + k}`: a routed decoder layer plus enorm / hnorm / eh_proj
+    (embedding first) and stored copies of the embedding and head, the names vLLM's glm4_moe_mtp.py reads."""
+
+    def __init__(self, config: HfaGlm4MoeConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.add_mtp_modules(config.hidden_size, config.vocab_size,
+                             norm=lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps),
+                             padding_idx=config.pad_token_id)
+
+
+class HfaGlm4MoePreTrainedModel(HfaPreTrainedModel):
+    config_class = HfaGlm4MoeConfig
+    _no_split_modules = ["Glm4MoeDecoderLayer", "Glm4MoeMTPLayer"]
+    # The router runs in fp32; keep its weight and the balancing bias fp32 when loading in bf16 (as transformers).
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+    _can_record_outputs = {"hidden_states": Glm4MoeDecoderLayer,
+                           "router_logits": OutputRecorder(TopKRouter, index=0)}
+
+
+class HfaGlm4MoeModel(HfaGlm4MoePreTrainedModel, MoEDecoderModel):
+    layer_class = Glm4MoeDecoderLayer
+
+    def __init__(self, config: HfaGlm4MoeConfig) -> None:
+        # Same as DecoderModel.__init__ except: `layers` continues with the MTP layers (the release's layout).
+        super().__init__(config)
+        n = config.num_hidden_layers
+        self.layers.extend(Glm4MoeMTPLayer(config, n + k) for k in range(config.num_nextn_predict_layers))
+        self.post_init()  # initialises the MTP layers like the others
+
+    @merge_with_config_defaults
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, **kwargs: Any):
+        # Same as DecoderModel.forward except: runs only the first num_hidden_layers (the rest are MTP layers).
+        if (input_ids is None) == (inputs_embeds is None):
+            raise InputError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            check_input_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.shape[1] == 0:
+            raise InputError("inputs_embeds is empty: at least one position is needed")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
+        masks = attention_mask if isinstance(attention_mask, dict) else {
+            "full_attention": MASK_FUNCTIONS["full_attention"](
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
+                position_ids=position_ids)}
+        rope = self.rotary_emb["default"](inputs_embeds, position_ids)
+        attention_fn = attention_function(self.config._attn_implementation)
+        hidden_states = inputs_embeds
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = layer(hidden_states, position_embeddings=rope, attention_mask=masks["full_attention"],
+                                  cache=cache, attention_fn=attention_fn, position_ids=position_ids, **kwargs)
+        return self.output_class(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
+
+
+class HfaGlm4MoeForCausalLM(HfaGlm4MoePreTrainedModel, MultiTokenPrediction, MoECausalLM):
+    base_model_class = HfaGlm4MoeModel
+
+
+__all__ = ["Glm4MoeDecoderLayer", "Glm4MoeMTPLayer", "HfaGlm4MoeForCausalLM", "HfaGlm4MoeModel", "HfaGlm4MoePreTrainedModel",
+           "SlotSumExperts", "sigmoid_grouped_topk_in_slot_order"]
