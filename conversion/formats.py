@@ -55,9 +55,9 @@ HF = Format("hf", "the publisher's Hugging Face layout: config.json + safetensor
 
 
 def formats() -> dict[str, Format]:
-    from . import llama4_original, mistral
+    from . import gpt_oss_original, grok_tp8, llama4_original, mistral
 
-    return {f.name: f for f in (HF, mistral.FORMAT, llama4_original.FORMAT)}
+    return {f.name: f for f in (HF, mistral.FORMAT, llama4_original.FORMAT, grok_tp8.FORMAT, gpt_oss_original.FORMAT)}
 
 
 def detect(root: Path, name: str | None = None) -> Format:

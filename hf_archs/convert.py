@@ -136,7 +136,8 @@ def _carry_tokenizer(src: Path, dst: Path) -> tuple[list[str], list[str]]:
             carried.append(name)
     if "tokenizer.json" in carried:
         return carried, []
-    from conversion.tokenizer import convert_release_tokenizer  # tekken.json, Llama 4's tiktoken model
+    # The release's own format (Mistral's tekken.json, Llama 4's tiktoken model), converted where faithful.
+    from conversion.tokenizer import convert_release_tokenizer
 
     written, missing = convert_release_tokenizer(src, dst)
     return carried + [n for n in written if n not in carried], missing
