@@ -11,8 +11,8 @@ import torch
 FP8_BLOCK = 128
 
 
-def fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK)
-              ) -> torch.Tensor:
+def fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (FP8_BLOCK, FP8_BLOCK),
+              chunk_elements: int = 2**24) -> torch.Tensor:
     """FP8 e4m3 with block scales (DeepSeek V3/R1, Kimi K2, MiniMax-M2, Qwen3-FP8): W[i, j] = w[i, j] * s[i//bm, j//bn].
 
     The scale grid is ceil(M / bm) x ceil(N / bn): edges that do not fill a block have their own scale (the
@@ -28,8 +28,15 @@ def fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
     if tuple(scale_inv.shape) != grid:
         raise ValueError(f"fp8 scale grid {list(scale_inv.shape)} does not fit weight {[m, n]} with blocks "
                          f"{[bm, bn]} (expected {list(grid)})")
-    scale = scale_inv.float().repeat_interleave(bm, 0)[:m].repeat_interleave(bn, 1)[:, :n]
-    return weight.float() * scale
+    # A few block rows at a time straight into the output: peak extra memory two chunks, not two weight-sized
+    # fp32 temporaries.
+    out = torch.empty(m, n, dtype=torch.float32)
+    col_scales = scale_inv.float()[:, torch.arange(n) // bn]  # [grid rows, n]
+    step = max(1, chunk_elements // (bm * n))  # block rows per chunk
+    for g0 in range(0, grid[0], step):
+        r0, r1 = g0 * bm, min((g0 + step) * bm, m)
+        torch.mul(weight[r0:r1].float(), col_scales[g0:g0 + step].repeat_interleave(bm, 0)[: r1 - r0], out=out[r0:r1])
+    return out
 
 
 def fp8_scaled(weight: torch.Tensor, weight_scale: torch.Tensor, block: tuple[int, int] | None = None

@@ -27,6 +27,8 @@ class Format:
     official_config: Callable[[Path], dict[str, Any]]
     # (root, official config, allow_pickle) -> (logical tensors in HF names, files read, notes)
     tensors: Callable[[Path, dict[str, Any], bool], tuple[dict[str, Producer], list[Path], list[str]]]
+    # Tried before the HF layout: the format recognises its own files in a folder that also has a config.json.
+    before_hf: bool = False
 
 
 def read_json(file: Path) -> dict[str, Any]:
@@ -69,8 +71,10 @@ def detect(root: Path, name: str | None = None) -> Format:
         return known[name]
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
-    # HF layout first: some publishers (Mistral) ship both layouts in one repository.
-    for fmt in [HF, *(f for f in known.values() if f is not HF)]:
+    # Formats that recognise their own files (with a config.json of their own) first, then the HF layout, which
+    # claims any folder with a config.json: some publishers (Mistral) ship both layouts in one repository.
+    first = [f for f in known.values() if f.before_hf]
+    for fmt in [*first, HF, *(f for f in known.values() if f is not HF and not f.before_hf)]:
         if fmt.detect(root):
             return fmt
     raise CheckpointError(f"{root}: no known release format (no config.json; known formats: {sorted(known)})")

@@ -141,7 +141,8 @@ def _format():
     from .formats import Format
 
     return Format("gpt_oss_original", "gpt-oss's original/ folder: OpenAI's layout (config.json without model_type, "
-                  "block.N.* tensors, MXFP4 mlp1 / mlp2 experts)", _detect, official_config, tensors)
+                  "block.N.* tensors, MXFP4 mlp1 / mlp2 experts)", _detect, official_config, tensors,
+                  before_hf=True)
 
 
 FORMAT = _format()

@@ -117,7 +117,7 @@ def _format():
 
     return Format("grok_tp8", ("Grok 2.5's release pre-sharded for 8-way tensor parallelism: *-TP-common + "
                                "*-TP-000 ... 007.safetensors, experts split across the rank files"),
-                  _detect, official_config, tensors)
+                  _detect, official_config, tensors, before_hf=True)
 
 
 FORMAT = _format()

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from hf_archs.errors import CheckpointError
 
@@ -159,19 +158,38 @@ class Reader:
         self._open.clear()
 
     def get(self, file: Path, name: str) -> torch.Tensor:
-        if file not in self._open:
-            if file.suffix in PICKLE_SUFFIXES:
+        if file.suffix in PICKLE_SUFFIXES:
+            if file not in self._open:
                 self._open[file] = _load_pickle(file)
-            else:
-                try:
-                    self._open[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
-                except (SafetensorError, OSError, ValueError) as err:
-                    raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from err
-        handle = self._open[file]
-        try:
-            return handle[name] if isinstance(handle, dict) else handle.get_tensor(name)
-        except (SafetensorError, KeyError) as err:
-            raise CheckpointError(f"{file}: cannot read tensor {name} ({err})") from err
+            try:
+                return self._open[file][name]
+            except KeyError as err:
+                raise CheckpointError(f"{file}: no tensor {name}") from err
+        return self._read_safetensors(file, name)
+
+    def _read_safetensors(self, file: Path, name: str) -> torch.Tensor:
+        """One positioned read into a fresh tensor (no memory map: mapped pages of every open file would stay
+        resident and RSS would grow towards the size of the release)."""
+        if file not in self._open:
+            header = read_header(file)
+            with open(file, "rb") as f:
+                base = 8 + struct.unpack("<Q", f.read(8))[0]
+            self._open[file] = (header, base)
+        header, base = self._open[file]
+        meta = header.get(name)
+        if not isinstance(meta, dict) or meta.get("dtype") not in _ST_DTYPES:
+            raise CheckpointError(f"{file}: cannot read tensor {name} (absent or of an unknown dtype)")
+        begin, end = meta["data_offsets"]
+        out = torch.empty(meta["shape"], dtype=_ST_DTYPES[meta["dtype"]])
+        if end - begin != out.numel() * out.element_size():
+            raise CheckpointError(f"{file}: corrupt safetensors file (tensor {name} has {end - begin} bytes for "
+                                  f"shape {meta['shape']})")
+        if end > begin:
+            view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+            with open(file, "rb", buffering=0) as f:
+                if os.preadv(f.fileno(), [view], base + begin) != end - begin:
+                    raise CheckpointError(f"{file}: corrupt or truncated safetensors file (tensor {name})")
+        return out
 
 
 def sha256(file: Path, chunk: int = 2**22) -> str:

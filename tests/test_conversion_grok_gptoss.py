@@ -140,10 +140,6 @@ def test_grok_tp8_broken_releases_are_named(grok, tmp_path):
         hf_archs.from_official(root, format="grok_tp8", attn_implementation="eager")
 
 
-@pytest.mark.xfail(strict=True, raises=hf_archs.CheckpointError,
-                   reason="conversion/formats.py tries the HF layout first for any folder with a config.json, and "
-                          "the TP-8 files repeat each expert's name (see the issue-6 report: formats that identify "
-                          "their files should be tried before HF)")
 def test_grok_tp8_is_detected(grok):
     _, _, root = grok
     hf_archs.from_official(root)
@@ -262,9 +258,6 @@ def test_gpt_oss_original_broken_release_is_named(tmp_path):
         hf_archs.from_official(root, format="gpt_oss_original")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="conversion/formats.py tries the HF layout first for any folder with a config.json; "
-                          "gpt-oss's original/config.json has no model_type (see the issue-6 report)")
 def test_gpt_oss_original_is_detected(gpt_oss_original):
     root, _ = gpt_oss_original
     hf_archs.from_official(root)
