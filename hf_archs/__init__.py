@@ -13,5 +13,10 @@ __version__ = "0.1.0"
 
 _registration_failures = register_all()
 
+try:  # also registers the experts LoRA layer and the hfa_* default targets with PEFT
+    from .lora import lora_targets
+except ImportError:  # peft is an optional dependency ([train])
+    lora_targets = None
+
 __all__ = ["ARCHITECTURES", "Architecture", "CheckpointError", "ConfigError", "InputError", "__version__",
-           "by_official_model_type", "config_from_official", "from_official", "preset", "register_all"]
+           "by_official_model_type", "config_from_official", "from_official", "lora_targets", "preset", "register_all"]
