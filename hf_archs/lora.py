@@ -278,8 +278,19 @@ def _experts_lora_factory(target: nn.Module, adapter_name: str, config, paramete
 
 
 def _default_target_regex(arch) -> str | None:
+    from transformers.utils import logging as hf_logging
+
     from .tour import tiny_config
 
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a flagship's own config warnings (Llama 4's RoPE) are not news at import
+    try:
+        return _targets_of(arch, tiny_config)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _targets_of(arch, tiny_config) -> str | None:
     try:
         with torch.device("meta"):  # names only: no memory, no initialisation
             model = arch.causal_lm_class(tiny_config(arch))
