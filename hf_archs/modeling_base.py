@@ -56,6 +56,11 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise InputError(f"input_ids is empty (shape {tuple(input_ids.shape)}): at least one token is needed")
     if torch.compiler.is_compiling():
         return
+    if input_ids.device.type != "cpu":
+        # No host sync on an accelerator (it would stall every decoding step): a device-side assertion instead.
+        torch._assert_async(((input_ids >= 0) & (input_ids < vocab_size)).all(),
+                            f"input_ids contains a token id outside the vocabulary [0, {vocab_size})")
+        return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         bad = high if high >= vocab_size else low
