@@ -181,7 +181,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
                               (r"^mtp\.pre_fc_norm_embedding\.", "mtp.layers.0.enorm."),
                               (r"^mtp\.pre_fc_norm_hidden\.", "mtp.layers.0.hnorm."),
                               (r"^mtp\.norm\.", "mtp.layers.0.shared_head.norm.")),
-                 notes="-FP8 releases are block-FP8: refused by their quantization_config until dequantized"),
+                 notes="the -FP8 releases are block-FP8: dequantized at load"),
     Architecture("kimi_linear", "kimi_linear", "HfaKimiLinearConfig", "HfaKimiLinearModel", "HfaKimiLinearForCausalLM",
                  ("kimi_linear",), fuse_experts=_W1_W3_W2_EXPERTS),
 ]}

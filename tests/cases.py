@@ -28,6 +28,9 @@ class Case:
     # Reference state_dict -> ours, where transformers' in-memory names differ from the release's (which ours
     # keep): e.g. transformers renames MiniMax-M2's `block_sparse_moe` to `mlp`. Default: the same names.
     to_ours: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    # For the bf16 bit-exactness test: a context manager under which the reference runs this package's
+    # linear-attention kernels (the reference's own torch fallback sums in another order).
+    bf16_reference_kernels: Callable[[], Any] | None = None
     head_dim_given: bool = True
     layer_types_field: bool = True
     extra: dict[str, Any] = field(default_factory=dict)

@@ -182,7 +182,7 @@ def test_counts_are_the_instantiated_models(name):
     counts = count_params(meta_model(config), config)
     # MTP modules, where a release keeps them after the decoder (model.layers.{num_hidden_layers + k}), are not
     # part of the language model's count.
-    mtp = [f"model.layers.{i}." for i in range(config.num_hidden_layers, len(model.model.layers))]
+    mtp = [f"model.layers.{i}." for i in range(config.num_hidden_layers, len(model.model.layers))] + ["mtp."]
     params = dict(model.named_parameters())
     counted = {n: p for n, p in params.items() if not n.startswith(tuple(mtp))}
     assert counts.total == sum(p.numel() for p in counted.values())
