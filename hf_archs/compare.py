@@ -633,6 +633,10 @@ def add_parser(sub) -> None:
 
 
 def _cmd_compare(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    # Flagship configs' own warnings (Llama 4 Scout's llama3 RoPE with equal low / high factors) are not news here.
+    hf_logging.set_verbosity_error()
     from .presets import PresetError
 
     if args.list:

@@ -444,6 +444,10 @@ def add_parser(sub) -> None:
 
 
 def _cmd_tour(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    # Flagship configs' own warnings (Llama 4 Scout's llama3 RoPE with equal low / high factors) are not news here.
+    hf_logging.set_verbosity_error()
     result = run_tour(args.arch or None, report_dir=args.out, new_tokens=args.new_tokens, progress=not args.quiet,
                       steps=args.lora_steps, models_dir=args.keep_models, compare_presets=not args.no_compare)
     rows = result.rows
