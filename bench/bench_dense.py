@@ -1,7 +1,7 @@
 """Side-by-side speed of hf_archs' dense decoders and transformers' own classes, on the same weights.
 
-For every architecture with a case in tests/ (tests/cases.py and tests/case_<name>.py), the case's tiny official
-config.json is scaled to one benchmark shape (hidden 512, 4 layers, vocab 32000, intermediate 1536, 8 heads,
+For every dense architecture with a case in tests/ (tests/cases.py and tests/case_<name>.py), the case's tiny
+official config.json is scaled to one benchmark shape (hidden 512, 4 layers, vocab 32000, intermediate 1536, 8 heads,
 4 KV heads, head_dim 64; layer pattern and windows kept), transformers' reference is built with the case's own
 builder, our model is built from the same config.json through `hf_archs.config_from_official` and loaded strictly
 with the reference's state_dict. Logits must agree (fp32, max relative diff <= 1e-4) before anything is timed.
@@ -15,9 +15,10 @@ Measured in one process, both models interleaved (ref, ours, ours, ref, ...), mi
 The machine's ceilings (copy bandwidth, fp32 / bf16 GEMM) are measured in the same run and every time is also
 given as a fraction of its roofline. Progress goes to stderr; the Markdown table to stdout (and --out).
 
-    python bench/bench_dense.py                          # every case, fp32 and bf16
+    python bench/bench_dense.py                          # every dense case, fp32 and bf16
     python bench/bench_dense.py --arch qwen3 --repeats 5 --dtypes fp32
     python bench/bench_dense.py --out bench/results/cpu-2core.md   # also writes cpu-2core.json
+    python bench/bench_dense.py --clock cpu --threads 1  # ratios that hold on a loaded, shared machine
 """
 
 from __future__ import annotations
@@ -607,7 +608,8 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
          f"load average {m['loadavg_start']} at the start, {m.get('loadavg_end', 'n/a')} at the end."),
         (f"- Software: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
          f"hf_archs {m['hf_archs']} (git {m['git']}); {m['date']}."),
-        (f"- Ceilings (same run, best of the runs at its start, between architectures and at its end): copy {c['copy']['gbps']:.1f}"
+        (f"- Ceilings (same run, best of the runs at its start, between architectures and at its end): "
+         f"copy {c['copy']['gbps']:.1f}"
          f"{_star(c['copy'])} GB/s (read + write of a {args.copy_mib} MiB fp32 tensor); "
          f"GEMM {args.gemm_size}^3: {gemm}."),
         (f"- Shape: hidden {args.hidden}, {args.layers} layers (unless noted), vocab {args.vocab}, intermediate "

@@ -111,6 +111,9 @@ class DecoderModel(HfaPreTrainedModel):
         self.norm = self.make_norm(config)
         self.rotary_emb = nn.ModuleDict(
             {name: self.make_rotary(config, params) for name, params in config.rope_variants().items()})
+        # Per-layer plans read once (config attribute access is slow on every decoding step).
+        self._rope_of = [config.rope_variant_of_layer(i) for i in range(config.num_hidden_layers)]
+        self._layer_types = list(config.layer_types)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -149,13 +152,13 @@ class DecoderModel(HfaPreTrainedModel):
             past = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
 
-        layer_types = self.config.layer_types
+        layer_types = self._layer_types
         masks = attention_mask if isinstance(attention_mask, dict) else {
             kind: MASK_FUNCTIONS[kind](config=self.config, inputs_embeds=inputs_embeds,
                                        attention_mask=attention_mask, cache=cache, position_ids=position_ids)
             for kind in set(layer_types)}
         rope = {name: emb(inputs_embeds, position_ids) for name, emb in self.rotary_emb.items()}
-        rope_of = self.config.rope_variant_of_layer
+        rope_of = self._rope_of.__getitem__
         attention_fn = attention_function(self.config._attn_implementation)
 
         hidden_states = inputs_embeds

@@ -30,10 +30,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = 1.0 + self.weight.float() if self.unit_offset else self.weight
         if self.weight_in_fp32:
-            return (h * w.float()).to(x.dtype)
-        return w * h.to(x.dtype)
+            w = 1.0 + self.weight.float() if self.unit_offset else self.weight.float()
+            return (h * w).to(x.dtype)
+        return (1.0 + self.weight if self.unit_offset else self.weight) * h.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, unit_offset={self.unit_offset}"
