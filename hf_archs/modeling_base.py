@@ -218,9 +218,10 @@ class MoEDecoderModel(DecoderModel):
 
 class MoECausalLM(CausalLM):
     """Same as CausalLM except: with `output_router_logits` (argument or config) the output carries the router
-    logits and the load-balancing auxiliary loss, added to the loss times `router_aux_loss_coef` when training
-    with labels. Config fields read: `output_router_logits`, `router_aux_loss_coef`, `num_experts_per_tok`, and
-    the expert count from `num_experts` / `num_local_experts` / `n_routed_experts`.
+    logits and the release's load-balancing auxiliary loss (`router_balance_loss`), added to the loss times
+    `router_aux_loss_coef` when there are labels. Config fields read: `output_router_logits`,
+    `router_aux_loss_coef`, `num_experts_per_tok`, the expert count from `num_experts` / `num_local_experts` /
+    `n_routed_experts`, and DeepSeek's `seq_aux` where the config has it.
     """
 
     def forward(self, *args: Any, output_router_logits: bool | None = None, **kwargs: Any) -> MoeCausalLMOutputWithPast:
@@ -233,12 +234,32 @@ class MoECausalLM(CausalLM):
         c = self.config
         return next(getattr(c, n) for n in ("num_experts", "num_local_experts", "n_routed_experts") if hasattr(c, n))
 
+    def router_balance_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None,
+                            batch_size: int) -> torch.Tensor:
+        """The auxiliary loss of the release's recipe, before its coefficient, from the router logits (one
+        `[batch_size * seq, experts]` per MoE layer):
+        - configs with DeepSeek's `seq_aux` field (DeepSeek V3, Kimi K2): DeepSeek's complementary balance loss
+          (`balancing.sequence_balance_loss`; per sequence, or over the batch with `seq_aux: false`), in training
+          mode only, as DeepSeek's gate computes it (`if self.training`); zero in eval mode.
+        - otherwise the Switch-Transformer loss in transformers' convention (`load_balancing_loss`).
+        """
+        seq_aux = getattr(self.config, "seq_aux", None)
+        if seq_aux is None:
+            return load_balancing_loss(router_logits, self.num_routed_experts, self.config.num_experts_per_tok,
+                                       attention_mask)
+        if not self.training:
+            return router_logits[0].new_zeros((), dtype=torch.float32)
+        from .balancing import sequence_balance_loss
+
+        return sequence_balance_loss(router_logits, self.config.num_experts_per_tok, batch_size, attention_mask,
+                                     per_sequence=seq_aux)
+
     def finish_output(self, result, model_output, attention_mask):
         router_logits = getattr(model_output, "router_logits", None)
         aux_loss = None
         if router_logits:
-            aux_loss = load_balancing_loss(router_logits, self.num_routed_experts, self.config.num_experts_per_tok,
-                                           attention_mask)
+            aux_loss = self.router_balance_loss(router_logits, attention_mask,
+                                                model_output.last_hidden_state.shape[0])
             if result.loss is not None:
                 result.loss = result.loss + self.config.router_aux_loss_coef * aux_loss
         return MoeCausalLMOutputWithPast(loss=result.loss, aux_loss=aux_loss, logits=result.logits,

@@ -157,13 +157,17 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
                  key_renames=_GEMMA3N_TEXT, skip_keys=_GEMMA3N_TOWERS,
                  export_as=("gemma3n_text", "Gemma3nForCausalLM")),
     # GLM-4.5 / Air: the MTP layer `model.layers.<num_hidden_layers>.*` is loaded (our model keeps it there).
-    # MiniMax-M2's MTP modules `model.layers.<num_hidden_layers + i>.*` are skipped: the model does not hold them.
+    # MiniMax-M2's MTP modules `model.layers.<num_hidden_layers + i>.*` are skipped: no source gives their inner
+    # tensor names (vLLM only skips the prefix; SGLang's minimax_m2_nextn.py uses another layout, `mtp_layers.<i>`),
+    # and users report that the released files hold no trained MTP weights (MiniMax-AI/MiniMax-M2#47,
+    # sgl-project/sglang#13981: the weight map has layers 0-61 only).
     Architecture("glm4_moe", "glm4_moe", "HfaGlm4MoeConfig", "HfaGlm4MoeModel", "HfaGlm4MoeForCausalLM",
                  ("glm4_moe",), fuse_experts=SWIGLU_EXPERTS),
     Architecture("minimax_m2", "minimax_m2", "HfaMiniMaxM2Config", "HfaMiniMaxM2Model", "HfaMiniMaxM2ForCausalLM",
                  ("minimax_m2",), fuse_experts=_W1_W3_W2_EXPERTS,
-                 skip_trailing_layers=("model.layers.", "MTP layers: not loaded until the MTP head supports this "
-                                                        "layout (the modules' inner names are unverified)"),
+                 skip_trailing_layers=("model.layers.", "MTP layers: not loaded; their inner tensor names are in no "
+                                                        "stored source (vLLM only skips the prefix, SGLang and vLLM "
+                                                        "forks disagree, MiniMax publishes no trained MTP weights)"),
                  notes="the only release is block-FP8: dequantized at load"),
     # DeepSeek V3 / R1 and Kimi K2 (the same architecture; K2's releases say model_type kimi_k2 and get K2's
     # defaults). The MTP layers `model.layers.<num_hidden_layers + k>.*` are loaded: our model keeps them there.

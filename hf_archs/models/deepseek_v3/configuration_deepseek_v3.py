@@ -2,7 +2,11 @@
 
 Source: https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json (and inference/configs/config_671B.json
 of https://github.com/deepseek-ai/DeepSeek-V3). `rope_theta` + `rope_scaling` (legacy names) become
-`rope_parameters`. Fields the reference code ignores (`ep_size`, `pretraining_tp`, `seq_aux`) are kept as read.
+`rope_parameters`. Fields the reference code ignores (`ep_size`, `pretraining_tp`) are kept as read.
+`aux_loss_alpha` and `seq_aux` (the release's training fields) select the balance loss of training: with
+`output_router_logits=True` in training mode, `aux_loss` is DeepSeek's complementary balance loss (per sequence when
+`seq_aux`, over the batch otherwise; `hf_archs.balancing.sequence_balance_loss`), added to the loss times
+`aux_loss_alpha` (0.001 in config.json; the V3 report, section 4.2, gives 0.0001 for its pre-training).
 Ours, not in the release: `layer_types`, `mlp_layer_types` (plans), `mtp_loss_weight`.
 """
 
@@ -23,7 +27,7 @@ DEEPSEEK_V3_YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_
 class HfaDeepseekV3Config(DecoderConfigMixin, PreTrainedConfig):
     model_type = "hfa_deepseek_v3"
     # transformers >= 5 writes `num_local_experts` / `num_mtp_layers`; the release says `n_routed_experts` /
-    # `num_nextn_predict_layers`. `router_aux_loss_coef` is what MoECausalLM reads.
+    # `num_nextn_predict_layers`. `router_aux_loss_coef` is what MoECausalLM reads as the balance loss's weight.
     attribute_map = {"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers",
                      "router_aux_loss_coef": "aux_loss_alpha"}
     keys_to_ignore_at_inference = ["cache"]
@@ -143,6 +147,8 @@ class HfaDeepseekV3Config(DecoderConfigMixin, PreTrainedConfig):
             raise ConfigError(f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
         if self.mtp_loss_weight < 0:
             raise ConfigError(f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
+        if self.aux_loss_alpha < 0:
+            raise ConfigError(f"aux_loss_alpha (the balance loss's weight) must be >= 0, got {self.aux_loss_alpha}")
         if len(self.mlp_layer_types) != self.num_hidden_layers or set(self.mlp_layer_types) - {"sparse", "dense"}:
             raise ConfigError(f"mlp_layer_types must list 'sparse' or 'dense' for each of the "
                               f"{self.num_hidden_layers} layers, got {self.mlp_layer_types}")

@@ -85,7 +85,9 @@ class HfaGlm4MoeConfig(DecoderConfigMixin, PreTrainedConfig):
     mtp_loss_weight: float | int = 0.1
     output_router_logits: bool = False
     # GLM-4.5 balances its experts without an auxiliary loss (the correction bias); the Switch loss is reported
-    # with output_router_logits but adds nothing to the training loss unless this is set.
+    # with output_router_logits but adds nothing to the training loss unless this is set. The release's config.json
+    # has none of DeepSeek's balance-loss fields (`aux_loss_alpha`, `seq_aux`), so DeepSeek's sequence-wise loss is
+    # not selected here (`hf_archs.balancing.sequence_balance_loss` can be applied to the router logits by hand).
     router_aux_loss_coef: float = 0.0
     layer_types: list[str] | None = None
     mlp_layer_types: list[str] | None = None

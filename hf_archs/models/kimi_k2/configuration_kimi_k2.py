@@ -5,7 +5,9 @@ Source: https://huggingface.co/moonshotai/Kimi-K2-Instruct/blob/main/config.json
 `architectures: ["DeepseekV3ForCausalLM"]`). K2-Instruct-0905 and K2-Thinking change only rope_scaling.factor (64)
 and max_position_embeddings (262144), which their config.json files carry. Differences from DeepSeek V3: 64 heads,
 384 experts, one dense layer, no expert groups (n_group 1), routed_scaling_factor 2.827, rope_theta 50000, YaRN x32
-with beta_fast 1 (DeepSeek: 32), no MTP layer, vocab 163840.
+with beta_fast 1 (DeepSeek: 32), no MTP layer, vocab 163840. The release keeps DeepSeek's training fields with
+DeepSeek's values (`aux_loss_alpha: 0.001`, `seq_aux: true`, `topk_method: noaux_tc`), so training with
+`output_router_logits=True` uses DeepSeek's sequence-wise balance loss here too (see the DeepSeek V3 config).
 """
 
 from __future__ import annotations

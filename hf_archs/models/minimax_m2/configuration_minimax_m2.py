@@ -68,7 +68,9 @@ class HfaMiniMaxM2Config(DecoderConfigMixin, PreTrainedConfig):
     scoring_func: str = "sigmoid"
     use_routing_bias: bool = True  # `block_sparse_moe.e_score_correction_bias`
     shared_intermediate_size: int = 0
-    num_mtp_modules: int = 3  # MTP modules stored as model.layers.<num_hidden_layers + i>
+    # MTP modules the release declares; loaders expect them as model.layers.<num_hidden_layers + i>, which
+    # from_official skips (no source gives their inner names; see hf_archs/registry.py), so the model holds none.
+    num_mtp_modules: int = 3
     mtp_transformer_layers: int = 1
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.001  # not in the release; transformers' default, so losses compare

@@ -11,7 +11,8 @@ How it differs from a plain pre-norm GQA decoder (Llama):
   scores renormalised; no group limit, no routed scaling, no shared expert. Experts are SwiGLU with the release's
   per-expert `w1` (gate) / `w3` (up) / `w2` (down), fused at load into 3-D parameters.
 - The router's logits are computed in the activations' dtype (transformers' port; vLLM computes them in fp32).
-- The release stores `num_mtp_modules` MTP modules as layers num_hidden_layers.. (not part of the decoder).
+- The config declares `num_mtp_modules` MTP modules, which loaders expect as layers num_hidden_layers.. (vLLM
+  skips them); no source gives their inner tensor names, so they are skipped at load and not built here.
 References: https://github.com/vllm-project/vllm/blob/main/vllm/model_executor/models/minimax_m2.py,
 https://github.com/huggingface/transformers/blob/main/src/transformers/models/minimax_m2/modular_minimax_m2.py
 """
