@@ -36,7 +36,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .errors import InputError
-from .layers import RMSNorm, RotaryEmbedding, attention_function
+from .layers import Linear, RMSNorm, RotaryEmbedding, attention_function
 from .layers.moe import load_balancing_loss
 
 MASK_FUNCTIONS = {
@@ -181,7 +181,7 @@ class CausalLM(HfaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = self.base_model_class(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def process_logits(self, logits: torch.Tensor) -> torch.Tensor:

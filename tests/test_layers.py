@@ -12,7 +12,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from hf_archs.layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, eager_attention, rope_inv_freq
+from hf_archs.layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope, eager_attention, rope_inv_freq
 from hf_archs.layers.attention import attention_function
 
 ROPE_CASES = {
@@ -106,6 +106,47 @@ def test_rmsnorm_matches_both_reference_orders(dtype):
     assert torch.equal(offset(x), gref(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("weight_in_fp32", [False, True])
+def test_rmsnorm_equals_the_written_out_formula(dtype, unit_offset, weight_in_fp32):
+    """Whichever kernel runs (torch's fused rms_norm or the op-by-op lines), the bits are those of the formula."""
+    torch.manual_seed(0)
+    norm = RMSNorm(512, eps=1e-5, unit_offset=unit_offset, weight_in_fp32=weight_in_fp32)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(512) * 0.3 + (0.0 if unit_offset else 1.0))
+    norm.to(dtype)
+    x = (torch.randn(2, 7, 512) * 3).to(dtype)
+    h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+    w = norm.weight.float() + 1.0 if unit_offset else norm.weight.float()
+    if weight_in_fp32:
+        expected = (h * w).to(dtype)
+    else:
+        expected = ((1.0 + norm.weight) if unit_offset else norm.weight) * h.to(dtype)
+    assert torch.equal(norm(x), expected)
+    x.requires_grad_(True)
+    norm(x).float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(64, 64), (1536, 512), (513, 2049)])
+def test_linear_single_bf16_row_is_bit_exact(bias, shape):
+    """The one-row bf16 CPU path (`mv`) gives nn.Linear's bits; other inputs take F.linear unchanged."""
+    torch.manual_seed(0)
+    out_f, in_f = shape
+    ours = Linear(in_f, out_f, bias=bias).to(torch.bfloat16)
+    ref = torch.nn.Linear(in_f, out_f, bias=bias).to(torch.bfloat16)
+    ref.load_state_dict(ours.state_dict())
+    for x in (torch.randn(1, 1, in_f), torch.randn(in_f), torch.randn(2, 3, in_f)):
+        x = x.bfloat16()
+        assert torch.equal(ours(x), ref(x))
+        assert ours(x).shape == ref(x).shape
+    x = torch.randn(1, 1, in_f, dtype=torch.bfloat16, requires_grad=True)
+    ours(x).float().sum().backward()
+    assert x.grad is not None and ours.weight.grad is not None
+
+
 def test_rmsnorm_initial_weights():
     assert torch.equal(RMSNorm(4).weight, torch.ones(4))
     assert torch.equal(RMSNorm(4, unit_offset=True).weight, torch.zeros(4))
@@ -166,3 +207,72 @@ def test_gated_mlp(act, fn):
     x = torch.randn(3, 8)
     ref = (fn(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
     torch.testing.assert_close(mlp(x), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa", "sink_eager", "sink_sdpa"])
+@pytest.mark.parametrize("window", [8, 100])
+def test_banded_sliding_attention_equals_the_whole_sequence(kernel, window):
+    """`attend` on a long sliding-window prefill (block by block over the band) equals the kernel on the whole
+    sequence, left padding included, and passes gradients."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from hf_archs.layers import attend
+    from hf_archs.layers.sinks import sink_eager_attention, sink_sdpa_attention
+
+    fn = {"eager": eager_attention, "sdpa": ALL_ATTENTION_FUNCTIONS["sdpa"], "sink_eager": sink_eager_attention,
+          "sink_sdpa": sink_sdpa_attention}[kernel]
+    torch.manual_seed(0)
+    b, h, kv, t, d = 2, 4, 2, 300, 16
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = h // kv, True, False
+    module.sinks = torch.nn.Parameter(torch.randn(h))
+    q = torch.randn(b, h, t, d, requires_grad=True)
+    k, v = torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
+    i = torch.arange(t)
+    allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+    pad = torch.ones(b, t, dtype=torch.bool)
+    pad[1, :37] = False  # left padding in the second row
+    mask = (allowed[None] & pad[:, None, :])[:, None]  # [b, 1, t, t] bool
+    if kernel == "eager":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    whole, _ = fn(module, q, k, v, mask, scaling=d**-0.5, sliding_window=window)
+    banded, weights = attend(fn, module, q, k, v, mask, scaling=d**-0.5, sliding_window=window)
+    assert weights is None  # the band path was taken (the whole-sequence call would return weights or None)
+    keep = pad[:, :, None, None].expand_as(whole)  # fully padded query rows are undefined in both
+    torch.testing.assert_close(banded[keep], whole[keep], rtol=1e-5, atol=1e-6)
+    (g_whole,) = torch.autograd.grad(whole[keep].sum(), q)
+    (g_banded,) = torch.autograd.grad(banded[keep].sum(), q)
+    torch.testing.assert_close(g_banded, g_whole, rtol=1e-5, atol=1e-6)
+
+
+def test_attend_bands_only_where_it_is_exact_and_useful(monkeypatch):
+    from hf_archs.layers import attend, attention
+
+    calls = []
+
+    def kernel(module, q, k, v, mask, **kw):
+        calls.append((q.shape[2], k.shape[2]))
+        return q.transpose(1, 2), "weights"
+
+    q = torch.randn(1, 2, 300, 8)
+    full = torch.ones(1, 1, 300, 300, dtype=torch.bool)
+    longer = torch.randn(1, 2, 310, 8)
+    monkeypatch.setattr(attention, "ROW_WISE_KERNELS", [kernel])
+    cases = [  # (window, keys, mask, banded?)
+        (8, q, full, True),  # sliding layer, fresh prefill: blocks of 64 queries over their band of keys
+        (None, q, full, False),  # no window
+        (8, q, None, False),  # no mask to slice (the mask carries the window)
+        (8, longer, torch.ones(1, 1, 300, 310, dtype=torch.bool), False),  # keys from a cache: not aligned
+        (250, q, full, False),  # window as long as the sequence: nothing to skip
+    ]
+    for window, keys, mask, banded in cases:
+        calls.clear()
+        out = attend(kernel, None, q, keys, keys, mask, sliding_window=window)
+        if banded:
+            assert out[1] is None and calls == [(64, 64), (64, 72), (64, 72), (64, 72), (44, 52)]
+            torch.testing.assert_close(out[0], q.transpose(1, 2))
+        else:
+            assert out[1] == "weights" and calls == [(300, keys.shape[2])]
+    monkeypatch.setattr(attention, "ROW_WISE_KERNELS", [])
+    calls.clear()
+    assert attend(kernel, None, q, q, q, full, sliding_window=8)[1] == "weights" and len(calls) == 1  # unknown kernel

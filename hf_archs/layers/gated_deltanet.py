@@ -37,6 +37,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from ..errors import InputError
+from .linear import Linear
 from .short_conv import ShortConvolution, conv_state
 
 logger = logging.getLogger(__name__)
@@ -411,13 +412,13 @@ class GatedDeltaNet(nn.Module):
                                                                                 head_k_dim, head_v_dim)
         self.key_dim, self.value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
         r = num_v_heads // num_k_heads
-        self.in_proj_qkvz = nn.Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
-        self.in_proj_ba = nn.Linear(hidden_size, 2 * num_v_heads, bias=False)
+        self.in_proj_qkvz = Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = Linear(hidden_size, 2 * num_v_heads, bias=False)
         self.conv1d = ShortConvolution(2 * self.key_dim + self.value_dim, conv_kernel_size)
         self.dt_bias = nn.Parameter(torch.ones(num_v_heads))
         self.A_log = nn.Parameter(torch.empty(num_v_heads).uniform_(1, 16).log())
         self.norm = GatedRMSNorm(head_v_dim, eps=norm_eps, activation="silu")
-        self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.out_proj = Linear(self.value_dim, hidden_size, bias=False)
         self._split_qkvz = [head_k_dim, head_k_dim, r * head_v_dim, r * head_v_dim]
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -39,6 +39,7 @@ from .gated_deltanet import (
     unit_lower_inverse,
     valid_positions,
 )
+from .linear import Linear
 from .short_conv import ShortConvolution, causal_depthwise_conv, conv_state
 
 # Largest |log decay| between a diagonal sub-chunk's middle and any of its positions for which the scaled-matmul
@@ -251,22 +252,22 @@ class KimiDeltaAttention(nn.Module):
         self.layer_idx, self.mode, self.chunk_size = layer_idx, mode, chunk_size
         self.num_heads, self.head_dim = num_heads, head_dim
         dim = num_heads * head_dim
-        self.q_proj = nn.Linear(hidden_size, dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, dim, bias=False)
+        self.q_proj = Linear(hidden_size, dim, bias=False)
+        self.k_proj = Linear(hidden_size, dim, bias=False)
+        self.v_proj = Linear(hidden_size, dim, bias=False)
         self.q_conv1d = ShortConvolution(dim, conv_kernel_size)
         self.k_conv1d = ShortConvolution(dim, conv_kernel_size)
         self.v_conv1d = ShortConvolution(dim, conv_kernel_size)
-        self.f_a_proj = nn.Linear(hidden_size, head_dim, bias=False)
-        self.f_b_proj = nn.Linear(head_dim, dim, bias=False)
+        self.f_a_proj = Linear(hidden_size, head_dim, bias=False)
+        self.f_b_proj = Linear(head_dim, dim, bias=False)
         self.A_log = nn.Parameter(torch.empty(1, 1, num_heads, 1).uniform_(1, 16).log())
         dt = torch.empty(dim).uniform_(math.log(1e-3), math.log(1e-1)).exp()
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
-        self.g_a_proj = nn.Linear(hidden_size, head_dim, bias=False)
-        self.g_b_proj = nn.Linear(head_dim, dim, bias=False)
+        self.b_proj = Linear(hidden_size, num_heads, bias=False)
+        self.g_a_proj = Linear(hidden_size, head_dim, bias=False)
+        self.g_b_proj = Linear(head_dim, dim, bias=False)
         self.o_norm = GatedRMSNorm(head_dim, eps=norm_eps, activation="sigmoid", weight_in_fp32=True)
-        self.o_proj = nn.Linear(dim, hidden_size, bias=False)
+        self.o_proj = Linear(dim, hidden_size, bias=False)
         self.silu = ACT2FN["silu"]
 
     def forget_gate(self, x: torch.Tensor) -> torch.Tensor:

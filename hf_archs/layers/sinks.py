@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import Attention, eager_attention
+from .attention import ROW_WISE_KERNELS, Attention, eager_attention
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -86,6 +86,9 @@ def sink_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     out = F.scaled_dot_product_attention(query, _expand_kv(key, groups), _expand_kv(value, groups), attn_mask=bias,
                                          dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+ROW_WISE_KERNELS.extend([sink_eager_attention, sink_sdpa_attention])  # a sink joins each row's softmax alone
 
 
 def sink_kernel(attention_fn: Callable) -> Callable:

@@ -47,7 +47,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from ...errors import InputError
-from ...layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, eager_attention
+from ...layers import Attention, GatedMLP, Linear, RMSNorm, RotaryEmbedding, apply_rope, attend, eager_attention
 from ...modeling_base import MASK_FUNCTIONS, CausalLM, HfaPreTrainedModel, attention_function, check_input_ids
 from ..gemma3.modeling_gemma3 import ScaledWordEmbedding
 from .configuration_gemma3n import HfaGemma3nConfig
@@ -110,9 +110,9 @@ class Gemma3nAttention(Attention):
                 k, v = cache.update(k, v, self.layer_idx)
             if self.stores_kv:
                 shared_kv[self.layer_idx] = (k, v)
-        out, _ = attention_fn(self, q, k, v, attention_mask, scaling=self.scaling,
-                              dropout=self.attention_dropout if self.training else 0.0,
-                              sliding_window=self.sliding_window, **kwargs)
+        out, _ = attend(attention_fn, self, q, k, v, attention_mask, scaling=self.scaling,
+                        dropout=self.attention_dropout if self.training else 0.0,
+                        sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(out.reshape(b, t, -1))
 
 
@@ -144,8 +144,8 @@ class Laurel(nn.Module):
 
     def __init__(self, hidden_size: int, rank: int, eps: float) -> None:
         super().__init__()
-        self.linear_left = nn.Linear(hidden_size, rank, bias=False)
-        self.linear_right = nn.Linear(rank, hidden_size, bias=False)
+        self.linear_left = Linear(hidden_size, rank, bias=False)
+        self.linear_right = Linear(rank, hidden_size, bias=False)
         self.post_laurel_norm = Gemma3nRMSNorm(hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,9 +167,9 @@ class AltUp(nn.Module):
         self.hidden_size, self.num_inputs = hidden_size, num_inputs
         self.active_idx, self.coef_clip = active_idx, coef_clip
         self.correct_output_scale = nn.Parameter(torch.zeros(hidden_size))
-        self.correction_coefs = nn.Linear(num_inputs, num_inputs, bias=False)
-        self.prediction_coefs = nn.Linear(num_inputs, num_inputs**2, bias=False)
-        self.modality_router = nn.Linear(hidden_size, num_inputs, bias=False)
+        self.correction_coefs = Linear(num_inputs, num_inputs, bias=False)
+        self.prediction_coefs = Linear(num_inputs, num_inputs**2, bias=False)
+        self.modality_router = Linear(hidden_size, num_inputs, bias=False)
         self.router_norm = Gemma3nRMSNorm(hidden_size, eps=eps)
         self.router_input_scale = nn.Buffer(torch.tensor(hidden_size**-1.0), persistent=False)
 
@@ -224,8 +224,8 @@ class Gemma3nDecoderLayer(GradientCheckpointingLayer):
         self.altup = AltUp(c.hidden_size, c.altup_num_inputs, c.altup_active_idx, c.altup_coef_clip, c.rms_norm_eps)
         self.laurel = Laurel(c.hidden_size, c.laurel_rank, c.rms_norm_eps)
         self.act_fn = ACT2FN[c.hidden_activation]
-        self.per_layer_input_gate = nn.Linear(c.hidden_size, c.hidden_size_per_layer_input, bias=False)
-        self.per_layer_projection = nn.Linear(c.hidden_size_per_layer_input, c.hidden_size, bias=False)
+        self.per_layer_input_gate = Linear(c.hidden_size, c.hidden_size_per_layer_input, bias=False)
+        self.per_layer_projection = Linear(c.hidden_size_per_layer_input, c.hidden_size, bias=False)
         self.post_per_layer_input_norm = Gemma3nRMSNorm(c.hidden_size, eps=c.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings, per_layer_input: torch.Tensor,
@@ -281,12 +281,12 @@ class HfaGemma3nModel(HfaGemma3nPreTrainedModel):
         # [vocab_per_layer, layers * per_layer]: one `per_layer`-wide slice per layer, layer-major.
         self.embed_tokens_per_layer = ScaledWordEmbedding(c.vocab_size_per_layer_input, n_layers * per_layer,
                                                           c.pad_token_id, embed_scale=per_layer**0.5)
-        self.per_layer_model_projection = nn.Linear(c.hidden_size, n_layers * per_layer, bias=False)
+        self.per_layer_model_projection = Linear(c.hidden_size, n_layers * per_layer, bias=False)
         self.per_layer_projection_norm = Gemma3nRMSNorm(per_layer, eps=c.rms_norm_eps)
         self.altup_projections = nn.ModuleList(
-            nn.Linear(c.hidden_size, c.hidden_size, bias=False) for _ in range(1, c.altup_num_inputs))
+            Linear(c.hidden_size, c.hidden_size, bias=False) for _ in range(1, c.altup_num_inputs))
         self.altup_unembed_projections = nn.ModuleList(
-            nn.Linear(c.hidden_size, c.hidden_size, bias=False) for _ in range(1, c.altup_num_inputs))
+            Linear(c.hidden_size, c.hidden_size, bias=False) for _ in range(1, c.altup_num_inputs))
         self.per_layer_projection_scale = nn.Buffer(torch.tensor(c.hidden_size**-0.5), persistent=False)
         self.per_layer_input_scale = nn.Buffer(torch.rsqrt(torch.tensor(2.0)), persistent=False)
         self.gradient_checkpointing = False

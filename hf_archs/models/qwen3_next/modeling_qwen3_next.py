@@ -45,6 +45,7 @@ from ...errors import InputError
 from ...layers import (
     Attention,
     GatedMLP,
+    Linear,
     RMSNorm,
     apply_rope,
     attention_function,
@@ -87,7 +88,7 @@ class GatedAttention(Attention):
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, **kwargs: Any) -> None:
         super().__init__(hidden_size, num_heads, head_dim=head_dim, **kwargs)
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim * 2, bias=self.q_proj.bias is not None)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim * 2, bias=self.q_proj.bias is not None)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None, cache=None, attention_fn: Callable = eager_attention,
@@ -117,7 +118,7 @@ class Qwen3NextSparseBlock(nn.Module):
             softmax_topk, top_k=c.num_experts_per_tok, norm_topk_prob=c.norm_topk_prob))
         self.experts = Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size, glu=act_glu(c.hidden_act))
         self.shared_expert = GatedMLP(c.hidden_size, c.shared_expert_intermediate_size, act=c.hidden_act)
-        self.shared_expert_gate = nn.Linear(c.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(c.hidden_size, 1, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         b, t, h = hidden_states.shape
