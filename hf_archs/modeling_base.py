@@ -18,11 +18,13 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from transformers.masking_utils import (
     create_causal_mask,
     create_chunked_causal_mask,
+    create_recurrent_attention_mask,
     create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
 )
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -43,6 +45,7 @@ MASK_FUNCTIONS = {
     "full_attention": create_causal_mask,
     "sliding_attention": create_sliding_window_causal_mask,
     "chunked_attention": create_chunked_causal_mask,
+    "linear_attention": create_recurrent_attention_mask,  # the 2-D padding mask (or None): recurrent layers
 }
 
 
@@ -65,6 +68,23 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     if low < 0 or high >= vocab_size:
         bad = high if high >= vocab_size else low
         raise InputError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def cached_length(cache: Cache | None) -> int:
+    """Tokens already cached. A cache of linear-attention layers only keeps no length (transformers raises): 0 then,
+    which only positions RoPE layers, of which such a model has none."""
+    if cache is None or not any(isinstance(layer, CacheLayerMixin) for layer in cache.layers):
+        return 0
+    return cache.get_seq_length()
+
+
+def is_packed(position_ids: torch.Tensor, attention_mask) -> bool:
+    """Position ids restarting inside a row, with no padding (transformers' packed-sequence rule)."""
+    if position_ids.shape[-1] < 2 or isinstance(attention_mask, dict):
+        return False
+    if attention_mask is not None and (attention_mask.dim() != 2 or not bool(attention_mask.all())):
+        return False
+    return find_packed_sequence_indices(position_ids) is not None
 
 
 class HfaPreTrainedModel(PreTrainedModel):
@@ -101,6 +121,10 @@ class DecoderModel(HfaPreTrainedModel):
 
     layer_class: type[nn.Module]
     output_class: type[BaseModelOutputWithPast] = BaseModelOutputWithPast
+    # Models with recurrent (linear-attention) layers: a packed batch (several documents per row, told apart by
+    # position ids restarting) runs without a cache, since attention layers keep documents apart only then
+    # (transformers builds the block-diagonal mask from the position ids) and the recurrent layers read the same ids.
+    packed_runs_without_cache: bool = False
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -146,10 +170,14 @@ class DecoderModel(HfaPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         elif inputs_embeds.shape[1] == 0:
             raise InputError("inputs_embeds is empty: at least one position is needed")
+        if self.packed_runs_without_cache and position_ids is not None and is_packed(position_ids, attention_mask):
+            if cached_length(cache) > 0:
+                raise InputError("packed sequences (position_ids restarting inside a row) cannot continue a cache")
+            attention_mask, cache, use_cache = None, None, False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
+            past = cached_length(cache)
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
 
         layer_types = self._layer_types

@@ -30,25 +30,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
-from transformers.masking_utils import (
-    create_causal_mask,
-    create_recurrent_attention_mask,
-    find_packed_sequence_indices,
-)
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder
 
-from ...errors import InputError
 from ...layers import (
     Attention,
     GatedMLP,
     Linear,
     RMSNorm,
     apply_rope,
-    attention_function,
     eager_attention,
 )
 from ...layers.gated_deltanet import GatedDeltaNet
@@ -57,29 +47,9 @@ from ...modeling_base import (
     HfaPreTrainedModel,
     MoECausalLM,
     MoEDecoderModel,
-    check_input_ids,
 )
 from ...mtp import MTPLayer, MultiTokenPrediction
 from .configuration_qwen3_next import HfaQwen3NextConfig
-
-MASKS = {"full_attention": create_causal_mask, "linear_attention": create_recurrent_attention_mask}
-
-
-def cached_length(cache: Cache | None) -> int:
-    """Tokens already cached. A cache of linear-attention layers only keeps no length (transformers raises): 0 then,
-    which only positions RoPE layers, of which such a model has none."""
-    if cache is None or not any(isinstance(layer, CacheLayerMixin) for layer in cache.layers):
-        return 0
-    return cache.get_seq_length()
-
-
-def is_packed(position_ids: torch.Tensor, attention_mask) -> bool:
-    """Position ids restarting inside a row, with no padding (transformers' packed-sequence rule)."""
-    if position_ids.shape[-1] < 2 or isinstance(attention_mask, dict):
-        return False
-    if attention_mask is not None and (attention_mask.dim() != 2 or not bool(attention_mask.all())):
-        return False
-    return find_packed_sequence_indices(position_ids) is not None
 
 
 class GatedAttention(Attention):
@@ -194,52 +164,10 @@ class HfaQwen3NextPreTrainedModel(HfaPreTrainedModel):
 
 class HfaQwen3NextModel(HfaQwen3NextPreTrainedModel, MoEDecoderModel):
     layer_class = Qwen3NextDecoderLayer
+    packed_runs_without_cache = True
 
     def make_norm(self, config) -> nn.Module:
         return RMSNorm(config.hidden_size, eps=config.rms_norm_eps, unit_offset=True)
-
-    @merge_with_config_defaults
-    @capture_outputs
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
-                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, **kwargs: Any):
-        # Same as DecoderModel.forward except: linear-attention layers get the 2-D padding mask (or None), not a
-        # causal mask (transformers' `create_recurrent_attention_mask`).
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InputError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.shape[1] == 0:
-            raise InputError("inputs_embeds is empty: at least one position is needed")
-        if position_ids is not None and is_packed(position_ids, attention_mask):
-            # Several documents per row: every layer must see them apart. Attention layers do so only without a
-            # cache (transformers builds the block-diagonal mask then), so a packed batch runs, and returns, none.
-            if cached_length(cache) > 0:
-                raise InputError("packed sequences (position_ids restarting inside a row) cannot continue a cache")
-            attention_mask, cache, use_cache = None, None, False
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if position_ids is None:
-            past = cached_length(cache)
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
-
-        layer_types = self.config.layer_types
-        masks = attention_mask if isinstance(attention_mask, dict) else {
-            kind: MASKS[kind](config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                              cache=cache, position_ids=position_ids)
-            for kind in set(layer_types)}
-        rope = {name: emb(inputs_embeds, position_ids) for name, emb in self.rotary_emb.items()}
-        rope_of = self.config.rope_variant_of_layer
-        attention_fn = attention_function(self.config._attn_implementation)
-
-        hidden_states = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states, position_embeddings=rope.get(rope_of(i)),
-                                  attention_mask=masks[layer_types[i]], cache=cache, attention_fn=attention_fn,
-                                  position_ids=position_ids, **kwargs)
-        return self.output_class(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
 
 
 class HfaQwen3NextForCausalLM(HfaQwen3NextPreTrainedModel, MultiTokenPrediction, MoECausalLM):
