@@ -37,7 +37,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .layers import attention_function
+from .layers import Linear, attention_function
 from .modeling_base import MASK_FUNCTIONS
 
 
@@ -59,9 +59,9 @@ class MTPLayer:
         """`norm()` builds one norm over `hidden_size`. `embedding` / `head`: the release stores its own copies
         (DeepSeek, GLM); otherwise the main model's are used. `hidden_first`: eh_proj reads [hidden ; embedding]."""
         self.enorm, self.hnorm = norm(), norm()
-        self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.eh_proj = Linear(2 * hidden_size, hidden_size, bias=False)
         self.embed_tokens = nn.Embedding(vocab_size, hidden_size, padding_idx) if embedding else None
-        self.shared_head = SharedHead(norm(), nn.Linear(hidden_size, vocab_size, bias=False) if head else None)
+        self.shared_head = SharedHead(norm(), Linear(hidden_size, vocab_size, bias=False) if head else None)
         self.mtp_hidden_first = hidden_first
 
     def mtp_embed(self, input_ids: torch.Tensor, main_embedding: nn.Module) -> torch.Tensor:
