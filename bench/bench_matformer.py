@@ -46,6 +46,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_dense as bd
+
+sys.path.insert(0, str(bd.TESTS))
+from helpers import matformer_cut_state  # the tests' reference cut, written independently of hf_archs.matformer
 import torch
 from torch import nn
 
@@ -150,32 +153,6 @@ def transformers_model(text: dict[str, Any]) -> nn.Module:
     return Gemma3nForCausalLM(config).eval()
 
 
-def cut_state(state: dict[str, torch.Tensor], kept: list[int], widths: list[int],
-              per_layer: int) -> dict[str, torch.Tensor]:
-    """The cut's weights written out from the MatFormer rule, independently of hf_archs.matformer: kept layers
-    renumbered, the first w FFN units, the kept layers' per-layer-embedding columns and projection rows."""
-    out = {}
-    for key, v in state.items():
-        parts = key.split(".")
-        if key.startswith("model.layers."):
-            i = int(parts[2])
-            if i not in kept:
-                continue
-            j, rest = kept.index(i), ".".join(parts[3:])
-            if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-                v = v[: widths[j], :]
-            elif rest == "mlp.down_proj.weight":
-                v = v[:, : widths[j]]
-            out[f"model.layers.{j}.{rest}"] = v.clone()
-        elif key == "model.embed_tokens_per_layer.weight":
-            out[key] = torch.cat([v[:, i * per_layer:(i + 1) * per_layer] for i in kept], dim=1)
-        elif key == "model.per_layer_model_projection.weight":
-            out[key] = torch.cat([v[i * per_layer:(i + 1) * per_layer, :] for i in kept], dim=0)
-        else:
-            out[key] = v.clone()
-    return out
-
-
 PLAN_FIELDS = ("num_hidden_layers", "intermediate_size", "layer_types", "activation_sparsity_pattern",
                "num_kv_shared_layers", "hidden_size_per_layer_input", "vocab_size_per_layer_input")
 
@@ -211,7 +188,7 @@ def build_and_gate(args: argparse.Namespace, entry: dict[str, Any]) -> tuple[nn.
     mismatch = [f for f in PLAN_FIELDS if getattr(cut.config, f) != getattr(direct.config, f)]
     if mismatch:
         raise RuntimeError(f"PARITY FAILED: the cut's config differs from E2B's at the scaled widths in {mismatch}")
-    state = cut_state(full.state_dict(), kept, direct.config.intermediate_size,
+    state = matformer_cut_state(full.state_dict(), kept, direct.config.intermediate_size,
                       full.config.hidden_size_per_layer_input)
     direct.load_state_dict(state, strict=True)
     direct.set_attn_implementation(args.attn)

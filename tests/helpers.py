@@ -54,3 +54,30 @@ def first_divergence(ours: torch.nn.Module, ref: torch.nn.Module, ids: torch.Ten
         if max_rel_diff(x, y) > tol:
             return f"first diverging hidden state: index {i} (0 = embeddings), rel diff {max_rel_diff(x, y):.2e}"
     return "hidden states agree; the difference is in the head"
+
+
+def matformer_cut_state(state: dict[str, torch.Tensor], kept: list[int], widths: list[int],
+                        per_layer: int) -> dict[str, torch.Tensor]:
+    """A MatFormer cut's weights written out from the rule, independently of hf_archs.matformer: the kept layers
+    renumbered, the first w FFN units, the kept layers' per-layer-embedding columns and projection rows
+    (`per_layer` = hidden_size_per_layer_input)."""
+    out = {}
+    for key, v in state.items():
+        parts = key.split(".")
+        if key.startswith("model.layers."):
+            i = int(parts[2])
+            if i not in kept:
+                continue
+            j, rest = kept.index(i), ".".join(parts[3:])
+            if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
+                v = v[: widths[j], :]
+            elif rest == "mlp.down_proj.weight":
+                v = v[:, : widths[j]]
+            out[f"model.layers.{j}.{rest}"] = v.clone()
+        elif key == "model.embed_tokens_per_layer.weight":
+            out[key] = torch.cat([v[:, i * per_layer:(i + 1) * per_layer] for i in kept], dim=1)
+        elif key == "model.per_layer_model_projection.weight":
+            out[key] = torch.cat([v[i * per_layer:(i + 1) * per_layer, :] for i in kept], dim=0)
+        else:
+            out[key] = v.clone()
+    return out

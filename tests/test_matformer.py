@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, Gemma3nForCausalLM, Gemma3nTextCo
 
 import hf_archs
 from cases import BY_NAME
-from helpers import max_rel_diff, ours_from, reference, tokens
+from helpers import matformer_cut_state, max_rel_diff, ours_from, reference, tokens
 from hf_archs import matformer
 from hf_archs.cli import main
 from hf_archs.matformer import PRESETS, Cut, CutError, count_parameters, slice_preset
@@ -40,30 +40,6 @@ def ours(ref):
 
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _cut_state(state: dict[str, torch.Tensor], kept: list[int], widths: list[int], p: int) -> dict[str, torch.Tensor]:
-    """The plain reference: the kept layers renumbered, FFN prefixes, the kept layers' per-layer blocks."""
-    out = {}
-    for k, v in state.items():
-        parts = k.split(".")
-        if k.startswith("model.layers."):
-            i = int(parts[2])
-            if i not in kept:
-                continue
-            j, rest = kept.index(i), ".".join(parts[3:])
-            if rest in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-                v = v[: widths[j], :]
-            elif rest == "mlp.down_proj.weight":
-                v = v[:, : widths[j]]
-            out[f"model.layers.{j}.{rest}"] = v
-        elif k == "model.embed_tokens_per_layer.weight":
-            out[k] = torch.cat([v[:, i * p:(i + 1) * p] for i in kept], dim=1)
-        elif k == "model.per_layer_model_projection.weight":
-            out[k] = torch.cat([v[i * p:(i + 1) * p, :] for i in kept], dim=0)
-        else:
-            out[k] = v
-    return out
 
 
 def test_full_widths_and_no_skipped_layer_is_the_identity(ours):
@@ -122,7 +98,8 @@ def test_sliced_model_equals_models_built_at_the_sliced_config(ref, ours):
     sliced = matformer.slice(ours, **CUT)
     official = CASE.official_config()
     official["text_config"].update(copy.deepcopy(SLICED_TEXT))
-    state = _cut_state(_state(ours), KEPT, SLICED_TEXT["intermediate_size"], ours.config.hidden_size_per_layer_input)
+    state = matformer_cut_state(_state(ours), KEPT, SLICED_TEXT["intermediate_size"],
+                                ours.config.hidden_size_per_layer_input)
 
     direct = HfaGemma3nForCausalLM(hf_archs.config_from_official(official))
     direct.load_state_dict(state, strict=True)
