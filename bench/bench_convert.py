@@ -3,17 +3,20 @@
 A benchmark, not a test. It writes a synthetic HF-layout release to --dir (Qwen3 shape, a few large tensors: the
 attention and MLP weights FP8 e4m3 with 128 x 128 block scales, as Qwen3-*-FP8 / DeepSeek ship them; embeddings and
 head bf16), converts it to bf16 with `hf_archs.convert.convert` in a child process, and copies the same number of
-bytes as the conversion writes, also in a child process, in the same run:
+bytes as the conversion writes, also in a child process, in the same run (kinds interleaved):
   copy (read/write)   the converted shard read and written in 16 MiB chunks by Python (what any converter must do)
   copy (kernel)       shutil.copyfile of the same file (copy_file_range / sendfile: no user-space buffer)
 Throughput = bytes written / wall time. Peak RSS: the child's own VmHWM (peak RSS), and the parent polling the
-child's /proc/<pid>/status every 20 ms for RssAnon (heap: tensors) and RssFile (file-backed pages: mmap'd
-safetensors), so that a miss can be attributed. The conversion's time is split by wrapping (in the child only)
-the reads, the FP8 dequantization, the writer and the SHA-256 of the sources.
-Targets (issue 6): peak RSS <= 2 x the largest tensor + 500 MB; throughput within 2x of the plain copy.
+child's /proc/<pid>/status every 20 ms for RssAnon (heap: tensors) and RssFile (file-backed pages), so that a miss
+can be attributed. The conversion's time is split by wrapping (in the child only) the reads, the FP8
+dequantization, the writer's write+hash (on its own thread) and the SHA-256 of the sources (on its own thread):
+busy seconds per phase, which overlap. A third child measures the bounds: FP8 decoding rates (the table lookup
+conversion/dequant.py uses, against torch's own e4m3 conversions), SHA-256 and memcpy GB/s, on 1 and 2 threads.
+The load average is sampled every second during the run. Targets (issue 6): peak RSS <= 2 x the largest tensor +
+500 MB; throughput within 2x of the plain copy.
 
     python bench/bench_convert.py                                   # ~3.2 GB written, to /tmp
-    python bench/bench_convert.py --layers 2 --out bench/results/convert-cpu.md --note "..."
+    python bench/bench_convert.py --out bench/results/convert-cpu.md --note "..."
 """
 
 from __future__ import annotations
@@ -149,95 +152,7 @@ def _self_memory() -> dict[str, int]:
     return {"VmHWM": _status(os.getpid()).get("VmHWM", 0)}
 
 
-# --- prototypes of the proposed changes (applied in the "proposed" child only; see the results file) ------------
-
-def proposed_reader_get(self, file: Path, name: str):
-    """conversion/io.py Reader.get without mmap: read the tensor's bytes with one positioned read into a fresh
-    tensor. safe_open maps the file and get_tensor's result keeps pages of the mapping resident while the Reader keeps
-    every file open, so RSS grows towards the size of the release (RssFile); read() pages are the kernel's cache."""
-    import torch
-
-    from conversion.io import _ST_DTYPES, read_header
-    from hf_archs.errors import CheckpointError
-
-    cache = self.__dict__.setdefault("_headers", {})
-    if file not in cache:
-        header = read_header(file)
-        with open(file, "rb") as f:
-            base = 8 + int.from_bytes(f.read(8), "little")
-        cache[file] = (header, base)
-    header, base = cache[file]
-    meta = header[name]
-    begin, end = meta["data_offsets"]
-    out = torch.empty(meta["shape"], dtype=_ST_DTYPES[meta["dtype"]])
-    if end > begin:
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        if view.nbytes != end - begin:
-            raise CheckpointError(f"{file}: tensor {name} has {end - begin} bytes for shape {meta['shape']}")
-        with open(file, "rb", buffering=0) as f:
-            if os.preadv(f.fileno(), [view], base + begin) != end - begin:
-                raise CheckpointError(f"{file}: corrupt or truncated safetensors file (tensor {name})")
-    return out
-
-
-def proposed_fp8_block(weight, scale_inv, block=(128, 128), chunk_elements: int = 2**24):
-    """conversion/dequant.py fp8_block computed a few block rows at a time (about 16M elements: large enough for
-    torch's parallel kernels) straight into the output: the same products (bit-identical), peak extra memory two
-    chunks instead of two weight-sized fp32 temporaries (the scale expanded to the weight's size, weight.float())."""
-    import torch
-
-    m, n = weight.shape
-    bm, bn = block
-    grid = (-(-m // bm), -(-n // bn))
-    if tuple(scale_inv.shape) != grid:
-        raise ValueError(f"fp8 scale grid {list(scale_inv.shape)} does not fit weight {[m, n]}")
-    out = torch.empty(m, n, dtype=torch.float32)
-    col_scales = scale_inv.float()[:, torch.arange(n) // bn]  # [grid rows, n]
-    step = max(1, chunk_elements // (bm * n))  # block rows per chunk
-    for g0 in range(0, grid[0], step):
-        r0, r1 = g0 * bm, min((g0 + step) * bm, m)
-        scale = col_scales[g0:g0 + step].repeat_interleave(bm, 0)[: r1 - r0]
-        torch.mul(weight[r0:r1].float(), scale, out=out[r0:r1])
-    return out
-
-
-def apply_proposed(cio, dq, src: str) -> None:
-    """Prototypes: the reader and dequantization above; the writer's SHA-256 in a background thread (hashlib
-    releases the GIL), and the sources hashed in a background thread from the start of the conversion."""
-    import concurrent.futures as cf
-
-    cio.Reader.get = proposed_reader_get
-    dq.fp8_block = proposed_fp8_block
-    pool = cf.ThreadPoolExecutor(1)
-    real_init, real_close = cio.SafetensorsWriter.__init__, cio.SafetensorsWriter.close
-
-    def init(self, *a, **k):
-        self._pending = []
-        real_init(self, *a, **k)
-
-    def write(self, data) -> None:
-        self.f.write(data)
-        self._pending.append(pool.submit(self.hash.update, data))  # in order: one worker
-
-    def close(self) -> str:
-        for fut in self._pending:
-            fut.result()
-        return real_close(self)
-
-    cio.SafetensorsWriter.__init__, cio.SafetensorsWriter._write, cio.SafetensorsWriter.close = init, write, close
-    real_sha = cio.sha256
-    sources = [p for p in Path(src).iterdir() if p.is_file()]
-    hashing = cf.ThreadPoolExecutor(1)
-    early = {p.resolve(): hashing.submit(real_sha, p) for p in sources}
-
-    def sha256(file: Path, chunk: int = 2**22) -> str:
-        fut = early.get(Path(file).resolve())
-        return fut.result() if fut is not None else real_sha(file, chunk)
-
-    cio.sha256 = sha256
-
-
-def child_convert(src: str, dst: str, dtype: str, variant: str = "current") -> None:
+def child_convert(src: str, dst: str, dtype: str) -> None:
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -245,12 +160,8 @@ def child_convert(src: str, dst: str, dtype: str, variant: str = "current") -> N
     import conversion.io as cio
     import hf_archs.convert as hc
 
-    if variant == "proposed":
-        w = (torch.randn(300, 200) * 50).to(torch.float8_e4m3fn)
-        s = torch.rand(3, 2) + 0.1
-        assert torch.equal(proposed_fp8_block(w, s, (128, 128)), dq.fp8_block(w, s, (128, 128)))
-        apply_proposed(cio, dq, src)
-    phases = {"read": 0.0, "dequant": 0.0, "write+hash": 0.0, "sha256 sources": 0.0}
+    phases = {"read": 0.0, "dequant": 0.0, "write+hash (writer thread)": 0.0, "sha256 sources (own thread)": 0.0}
+    lock = threading.Lock()
 
     def timed(key: str, fn):
         def wrapper(*a, **k):
@@ -258,13 +169,14 @@ def child_convert(src: str, dst: str, dtype: str, variant: str = "current") -> N
             try:
                 return fn(*a, **k)
             finally:
-                phases[key] += time.perf_counter() - t
+                with lock:
+                    phases[key] += time.perf_counter() - t
         return wrapper
 
     cio.Reader.get = timed("read", cio.Reader.get)
     dq.fp8_block = timed("dequant", dq.fp8_block)
-    cio.SafetensorsWriter.add = timed("write+hash", cio.SafetensorsWriter.add)
-    cio.sha256 = timed("sha256 sources", cio.sha256)
+    cio.SafetensorsWriter._write = timed("write+hash (writer thread)", cio.SafetensorsWriter._write)
+    cio.sha256 = timed("sha256 sources (own thread)", cio.sha256)
     t = time.perf_counter()
     manifest = hc.convert(src, dst, dtype=dtype, overwrite=True, progress=False)
     total = time.perf_counter() - t
@@ -274,6 +186,55 @@ def child_convert(src: str, dst: str, dtype: str, variant: str = "current") -> N
                       "cpu_seconds": usage.ru_utime + usage.ru_stime,
                       "bytes_read": sum((Path(src) / f).stat().st_size for f in manifest["source_files"]),
                       "phases": phases, **_self_memory()}))
+
+
+def child_kernels(rows: str, cols: str) -> None:
+    """The bounds, on one [rows, cols] FP8 weight with 128 x 128 block scales, to bf16: each decoder's rate (elements
+    per second, best of 3) on 1 and 2 torch threads, checked bit for bit against the plain formula; SHA-256 and
+    memcpy GB/s on the bf16 result's bytes."""
+    import hashlib
+
+    import torch
+
+    from conversion import dequant
+
+    m, n = int(rows), int(cols)
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(m, n, generator=gen) * 100).to(torch.float8_e4m3fn)
+    s = torch.rand(-(-m // 128), -(-n // 128), generator=gen) * 1e-3 + 1e-4
+    expanded = s.repeat_interleave(128, 0)[:m].repeat_interleave(128, 1)[:, :n]
+
+    def best(fn, reps: int = 3) -> tuple[float, Any]:
+        times, out = [], None
+        for _ in range(reps):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+        return min(times), out
+
+    reference = (w.float() * expanded).to(torch.bfloat16)
+    decoders = {
+        "torch: w.float() * scale, then .to(bf16) (the plain formula)": lambda: (w.float() * expanded).to(torch.bfloat16),
+        "torch: w.to(bf16) alone (e4m3 -> bf16, no scale)": lambda: w.to(torch.bfloat16),
+        "torch: w.float() alone (e4m3 -> fp32, no scale)": lambda: w.float(),
+        "ours: table lookup per block (dequant.fp8_block, dtype=bf16)":
+            lambda: dequant.fp8_block(w, s, dtype=torch.bfloat16),
+    }
+    result: dict[str, Any] = {"elements": m * n, "decode_melem_s": {}}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for name, fn in decoders.items():
+            seconds, out = best(fn)
+            if name.startswith("ours"):
+                assert torch.equal(out.view(torch.int16), reference.view(torch.int16)), "not bit-exact"
+            result["decode_melem_s"][f"{name}, {threads} thread{'s' if threads > 1 else ''}"] = m * n / seconds / 1e6
+    data = reference.view(torch.uint8).numpy()
+    seconds, _ = best(lambda: hashlib.sha256(data).hexdigest())
+    result["sha256_gb_s"] = data.nbytes / seconds / 1e9
+    target = torch.empty_like(reference)
+    seconds, _ = best(lambda: target.copy_(reference))
+    result["memcpy_gb_s"] = data.nbytes / seconds / 1e9
+    print(json.dumps(result))
 
 
 def child_copy(src: str, dst: str, mode: str) -> None:
@@ -327,7 +288,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.child:
         kind, *rest = a.child
-        (child_convert if kind == "convert" else child_copy)(*rest)
+        {"convert": child_convert, "copy": child_copy, "kernels": child_kernels}[kind](*rest)
         return 0
 
     root = Path(a.dir)
@@ -339,14 +300,21 @@ def main() -> int:
     t = time.perf_counter()
     sizes = write_release(src, a.layers, a.hidden, a.intermediate, a.vocab, a.heads, a.kv_heads, a.head_dim)
     log(f"release written in {time.perf_counter() - t:.1f} s")
-    kinds = ["convert", "convert, proposed", "read/write", "kernel"]
+    kinds = ["convert", "read/write", "kernel"]
     runs: dict[str, list[tuple[dict, dict, float]]] = {k: [] for k in kinds}
+    loads: list[float] = []
+    sampling = threading.Event()
+
+    def sample_load() -> None:  # the 1-minute load average, every second while the children run
+        while not sampling.wait(1.0):
+            loads.append(os.getloadavg()[0])
+
+    sampler = threading.Thread(target=sample_load, daemon=True)
+    sampler.start()
     try:
         for rep in range(a.repeats):  # interleaved, so that load changes hit every kind alike
-            for variant in ("current", "proposed"):
-                kind = "convert" if variant == "current" else "convert, proposed"
-                log(f"round {rep + 1}: {kind}")
-                runs[kind].append(run_child(["--child", "convert", str(src), str(dst), a.dtype, variant]))
+            log(f"round {rep + 1}: convert")
+            runs["convert"].append(run_child(["--child", "convert", str(src), str(dst), a.dtype]))
             shard = max(dst.glob("*.safetensors"), key=lambda p: p.stat().st_size)
             for mode in ("read/write", "kernel"):
                 log(f"round {rep + 1}: copy ({mode}) of {shard.name}")
@@ -354,8 +322,12 @@ def main() -> int:
                 runs[mode].append(run_child(["--child", "copy", str(shard), str(target),
                                              "kernel" if mode == "kernel" else "rw"]))
                 target.unlink()
+        log("bounds: fp8 decoding, SHA-256, memcpy")
+        kernels = run_child(["--child", "kernels", str(a.hidden), str(a.hidden)])[0]
+        sampling.set()
         info = machine()
     finally:
+        sampling.set()
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
 
@@ -364,15 +336,16 @@ def main() -> int:
 
     largest = sizes["largest_out_bytes"]
     target_rss = 2 * largest + 500 * MB
-    names = {"convert": f"convert, fp8 block -> {a.dtype} (as committed)",
-             "convert, proposed": f"convert, fp8 block -> {a.dtype} (proposed io / dequant changes, prototyped)",
+    names = {"convert": f"hf-archs convert, fp8 block -> {a.dtype}",
              "read/write": "plain copy (Python read/write, 16 MiB)", "kernel": "plain copy (shutil.copyfile)"}
     rate = {k: best(k)[0]["bytes_written"] / best(k)[0]["seconds"] / 1e9 for k in kinds}
     conv = best("convert")[0]
+    load = (f"load average (1 min) during the runs {min(loads):.1f}-{max(loads):.1f}, mean "
+            f"{sum(loads) / len(loads):.1f}" if loads else f"load average at the end {info['load']}")
     lines = [f"# hf-archs convert on a {conv['bytes_written'] / 1e9:.2f} GB synthetic FP8 release (CPU)", "",
-             (f"{_dt.date.today()}; {info['cpu']}; {info['memory']} RAM; load average at the end {info['load']} "
-              f"(a shared machine); Python {info['python']}, torch {info['torch']}, transformers "
-              f"{info['transformers']}; {info['os']}."), "",
+             (f"{_dt.date.today()}; {info['cpu']}; {info['memory']} RAM; {load} (a shared machine: other jobs "
+              f"ran); Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}; "
+              f"{info['os']}."), "",
              (f"Release: Qwen3 shape, {a.layers} layers, hidden {a.hidden}, intermediate {a.intermediate}, vocab "
               f"{a.vocab}; attention / MLP weights FP8 e4m3 with 128x128 block scales, embeddings and head bf16; "
               f"{conv['bytes_read'] / 1e9:.2f} GB read, {conv['bytes_written'] / 1e9:.2f} GB written ({a.dtype}). "
@@ -385,24 +358,25 @@ def main() -> int:
         r, peak, _ = best(k)
         lines.append(f"| {names[k]} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {rate[k]:.2f} | "
                      f"{r['VmHWM'] / MB:.0f} | {peak.get('RssAnon', 0) / MB:.0f} | {peak.get('RssFile', 0) / MB:.0f} |")
-    lines.append("")
-    for k in ("convert", "convert, proposed"):
-        ph = best(k)[0]["phases"]
-        other = best(k)[0]["seconds"] - sum(ph.values())
-        lines.append(f"Time by phase, {k} (s): " + ", ".join(f"{n} {v:.1f}" for n, v in ph.items())
-                     + f", other (plan, casts, reload check, manifest) {other:.1f}.")
-    lines += ["", "| target | as committed | proposed | met (committed / proposed) |", "|---|---|---|---|"]
-    rss = {k: best(k)[0]["VmHWM"] for k in ("convert", "convert, proposed")}
+    ph = conv["phases"]
+    lines += ["", "Busy seconds by phase, convert (they overlap: the writer and the source hashing have threads of "
+              "their own): " + ", ".join(f"{n} {v:.1f}" for n, v in ph.items()) + "; wall "
+              f"{conv['seconds']:.1f}.", "",
+              "| target | measured | met |", "|---|---|---|"]
+    rss = conv["VmHWM"]
     lines.append(f"| peak RSS <= 2 x largest tensor ({largest / MB:.0f} MB, bf16) + 500 MB = {target_rss / MB:.0f} MB "
-                 f"| {rss['convert'] / MB:.0f} MB | {rss['convert, proposed'] / MB:.0f} MB | "
-                 f"{'yes' if rss['convert'] <= target_rss else 'no'} / "
-                 f"{'yes' if rss['convert, proposed'] <= target_rss else 'no'} |")
+                 f"| {rss / MB:.0f} MB | {'yes' if rss <= target_rss else 'no'} |")
     for mode in ("read/write", "kernel"):
-        slow = {k: rate[mode] / rate[k] for k in ("convert", "convert, proposed")}
+        slow = rate[mode] / rate["convert"]
         lines.append(f"| throughput within 2x of {names[mode]} ({rate[mode]:.2f} GB/s) | {rate['convert']:.2f} GB/s "
-                     f"({slow['convert']:.1f}x slower) | {rate['convert, proposed']:.2f} GB/s "
-                     f"({slow['convert, proposed']:.1f}x slower) | {'yes' if slow['convert'] <= 2 else 'no'} / "
-                     f"{'yes' if slow['convert, proposed'] <= 2 else 'no'} |")
+                     f"({slow:.2f}x slower) | {'yes' if slow <= 2 else 'no'} |")
+    lines += ["", f"Bounds, in a child of their own after the runs ({a.hidden} x {a.hidden} FP8 weight to bf16, best "
+              "of 3; the table lookup is checked bit for bit against the plain formula):", "",
+              "| kernel | rate |", "|---|---:|"]
+    for name, v in kernels["decode_melem_s"].items():
+        lines.append(f"| {name} | {v:.0f} M elements/s |")
+    lines.append(f"| SHA-256 (hashlib, 1 thread) | {kernels['sha256_gb_s']:.2f} GB/s |")
+    lines.append(f"| memcpy (torch copy_, 2 threads) | {kernels['memcpy_gb_s']:.2f} GB/s |")
     if a.note:
         lines += ["", a.note]
     table = "\n".join(lines) + "\n"
@@ -412,7 +386,8 @@ def main() -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(table)
         out.with_suffix(".json").write_text(json.dumps({"machine": info, "sizes": sizes, "args": vars(a),
-                                                        "runs": runs}, indent=2, default=str))
+                                                        "load_samples": loads, "kernels": kernels, "runs": runs},
+                                                       indent=2, default=str))
     return 0
 
 

@@ -10,6 +10,7 @@ safetensors files are written tensor by tensor (header first, from the planned s
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -29,6 +30,7 @@ from hf_archs.errors import CheckpointError
 MAX_HEADER_BYTES = 100 * 2**20
 MAX_TENSORS = 2_000_000
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+WRITE_CHUNK = 2**22  # bytes per write() and hash update (4 MiB: still in cache when hashed)
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -192,17 +194,24 @@ class Reader:
         return out
 
 
-def sha256(file: Path, chunk: int = 2**22) -> str:
+def sha256(file: Path, chunk: int = 2**24) -> str:
     h = hashlib.sha256()
-    with open(file, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(file, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])  # hashlib releases the GIL on large buffers: callers may hash files in threads
     return h.hexdigest()
 
 
 class SafetensorsWriter:
     """Writes one safetensors file tensor by tensor: the header (from the planned names, shapes and dtypes) first,
-    then each tensor's bytes as it comes. Hashes what it writes."""
+    then each tensor's bytes as it comes. Hashes what it writes.
+
+    Writing and hashing a tensor run on a worker thread (file writes and hashlib release the GIL) while the caller
+    produces the next one; at most one tensor waits, so memory stays near two tensors. A failure on the worker is
+    raised by the next `add` or by `close`. Use as a context manager (or call `close`) so the file is closed.
+    """
 
     def __init__(self, file: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
                  metadata: dict[str, str] | None = None) -> None:
@@ -218,13 +227,35 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.hash = hashlib.sha256()
-        self.f = open(file, "wb")
+        self.f = open(file, "wb", buffering=0)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="safetensors-writer")
+        self._pending: concurrent.futures.Future | None = None
         self._write(struct.pack("<Q", len(raw)) + raw)
         self.next = 0
 
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.f.closed:
+            return
+        if exc[0] is None:
+            self.close()
+        else:
+            self.abort()
+
     def _write(self, data: bytes | memoryview) -> None:
-        self.f.write(data)
-        self.hash.update(data)
+        view = memoryview(data).cast("B")
+        for i in range(0, len(view), WRITE_CHUNK):  # large sequential writes, the hash over the same bytes
+            part = view[i:i + WRITE_CHUNK]
+            while part:
+                part = part[self.f.write(part):]
+            self.hash.update(view[i:i + WRITE_CHUNK])
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self.next >= len(self.order) or self.order[self.next] != name:
@@ -233,14 +264,28 @@ class SafetensorsWriter:
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise CheckpointError(f"{name}: produced {list(tensor.shape)} {tensor.dtype}, planned {list(shape)} {dtype}")
         data = tensor.detach().contiguous().cpu()
-        self._write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
+        self._wait()  # the previous tensor is on disk and hashed before this one is queued
+        if data.numel():
+            self._pending = self._pool.submit(self._write, memoryview(data.view(torch.uint8).numpy()))
         self.next += 1
 
     def close(self) -> str:
+        self._wait()
         if self.next != len(self.order):
+            self.abort()
             raise RuntimeError(f"{self.file}: {len(self.order) - self.next} planned tensors were not written")
+        self._pool.shutdown()
         self.f.close()
         return self.hash.hexdigest()
+
+    def abort(self) -> None:
+        """Stop after the write in flight and close the file (its contents are then incomplete)."""
+        try:
+            self._wait()
+        except Exception:  # noqa: BLE001 - the caller is already handling the failure that led here
+            pass
+        self._pool.shutdown()
+        self.f.close()
 
 
 @contextlib.contextmanager

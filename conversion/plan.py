@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hf_archs.errors import CheckpointError
-from hf_archs.registry import Architecture
+from hf_archs.registry import Architecture, FuseExperts
 
 from . import dequant
 from .io import Reader, Release, TensorInfo
@@ -36,6 +36,13 @@ class Producer:
     make: Callable[[Reader], torch.Tensor]
     dequantized: bool = False
     dtype: str | None = None  # the stored dtype (safetensors name) of a tensor read as is
+    # (reader, dtype) -> the tensor in dtype, bit for bit `make(reader).to(dtype)`, where producing it straight in
+    # dtype saves a pass and a full-size fp32 copy (dequantization rounds each fp32 chunk once into the output).
+    make_as: Callable[[Reader, torch.dtype], torch.Tensor] | None = None
+
+    def produce(self, reader: Reader, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor in `dtype`."""
+        return self.make(reader).to(dtype) if self.make_as is None else self.make_as(reader, dtype)
 
 
 def _direct(info: TensorInfo) -> Producer:
@@ -68,9 +75,10 @@ def logical_tensors(release: Release, quant: dict[str, Any] | None) -> tuple[dic
                 continue
             scale = tensors.pop(name)
             del tensors[weight.name]
+            make_as = (lambda r, dt, w=weight, s=scale: dequant.fp8_block(
+                r.get(w.file, w.name), r.get(s.file, s.name), block, dtype=dt))
             out[weight.name] = Producer(weight.shape, [(weight.file, weight.name), (scale.file, scale.name)],
-                                        lambda r, w=weight, s=scale: dequant.fp8_block(
-                                            r.get(w.file, w.name), r.get(s.file, s.name), block))
+                                        lambda r, f=make_as: f(r, torch.float32), make_as=make_as)
         notes.append(f"fp8 e4m3 with {list(block)} block scales dequantized")
     elif method == "compressed-tensors":
         for name in [n for n in tensors if n.endswith(".weight_packed")]:
@@ -93,9 +101,10 @@ def logical_tensors(release: Release, quant: dict[str, Any] | None) -> tuple[dic
             scale = tensors.pop(name)
             del tensors[weight.name]
             tensors.pop(f"{base}.input_scale", None)  # a static activation scale: unused once weights are dequantized
+            make_as = (lambda r, dt, w=weight, s=scale: dequant.fp8_scaled(
+                r.get(w.file, w.name), r.get(s.file, s.name), dtype=dt))
             out[weight.name] = Producer(weight.shape, [(weight.file, weight.name), (scale.file, scale.name)],
-                                        lambda r, w=weight, s=scale: dequant.fp8_scaled(
-                                            r.get(w.file, w.name), r.get(s.file, s.name)))
+                                        lambda r, f=make_as: f(r, torch.float32), make_as=make_as)
         notes.append("compressed-tensors weights dequantized")
     elif method == "mxfp4":
         for name in [n for n in tensors if n.endswith("_blocks")]:
@@ -167,7 +176,13 @@ def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logic
                  ) -> tuple[dict[str, Producer], dict[str, int]]:
     """Map the release's logical tensors onto `expected` (our name -> shape). Raises on any problem.
     Returns the plan and the count of tensors skipped per declared reason."""
-    fusions = {src: (i, rule) for rule in arch.fuse_experts for i, src in enumerate(rule.sources)}
+    def fusion(module: str, rest: str) -> tuple[int, FuseExperts] | None:
+        """(source index, rule) of a per-expert tensor `<module>.<e>.<rest>`: the rule's module must end the name."""
+        for rule in arch.fuse_experts:
+            if rest in rule.sources and (module == rule.module or module.endswith("." + rule.module)):
+                return rule.sources.index(rest), rule
+        return None
+
     transposed = set(arch.dequant_transposed)
     plan: dict[str, Producer] = {}
     grids: dict[str, dict[int, dict[int, Producer]]] = {}
@@ -183,10 +198,12 @@ def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logic
         if prod.dequantized and ours.rsplit(".", 1)[-1] in transposed:
             # Quantized storage is [.., out, in]; this architecture keeps the tensor as [.., in, out].
             prod = Producer((*prod.shape[:-2], prod.shape[-1], prod.shape[-2]), prod.sources,
-                            lambda r, p=prod: p.make(r).transpose(-1, -2).contiguous(), dequantized=True)
+                            lambda r, p=prod: p.make(r).transpose(-1, -2).contiguous(), dequantized=True,
+                            make_as=lambda r, dt, p=prod: p.produce(r, dt).transpose(-1, -2).contiguous())
         m = _EXPERT.match(ours)
-        if m and m["rest"] in fusions and ours not in expected:
-            i, rule = fusions[m["rest"]]
+        fused = fusion(m["module"], m["rest"]) if m and ours not in expected else None
+        if fused is not None:
+            i, rule = fused
             grids.setdefault(f"{m['module']}.{rule.target}", {}).setdefault(int(m["e"]), {})[i] = prod
             names[id(prod)] = name
         elif ours not in expected:
@@ -196,7 +213,8 @@ def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logic
         else:
             plan[ours] = prod
     for target, grid in grids.items():
-        rule = next(r for r in arch.fuse_experts if target.endswith("." + r.target))
+        rule = next(r for r in arch.fuse_experts if target.endswith(f".{r.module}.{r.target}")
+                    or target == f"{r.module}.{r.target}")
         if target not in expected:
             unexpected.extend(f"{target[: -len(rule.target) - 1]}.{e}.*" for e in grid)
             continue
@@ -223,11 +241,26 @@ def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logic
                                       f"{list(fused)}, model {list(expected[target])}"])
             continue
 
-        def make(r: Reader, rows=rows, rule=rule) -> torch.Tensor:
-            per_expert = [torch.cat([p.make(r) for p in row], dim=0) for row in rows]  # [out, in] each
-            return torch.stack([w.T if rule.transposed else w for w in per_expert]).contiguous()
+        def make_as(r: Reader, dtype: torch.dtype | None, rows=rows, rule=rule, shape=expected[target]
+                    ) -> torch.Tensor:
+            # Each expert's sources straight into their rows of the fused tensor: peak memory the fused tensor and
+            # one source, not every expert twice (a list, then the stack). dtype None: the sources' (promoted).
+            out = None if dtype is None else torch.empty(shape, dtype=dtype)
+            for e, row in enumerate(rows):
+                o0 = 0
+                for p in row:
+                    w = p.make(r) if dtype is None else p.produce(r, dtype)  # [out_i, in]
+                    if out is None or torch.promote_types(out.dtype, w.dtype) != out.dtype:
+                        out = (torch.empty(shape, dtype=w.dtype) if out is None
+                               else out.to(torch.promote_types(out.dtype, w.dtype)))
+                    rows_of = slice(o0, o0 + w.shape[0])
+                    (out[e, :, rows_of] if rule.transposed else out[e, rows_of]).copy_(w.T if rule.transposed else w)
+                    o0 += w.shape[0]
+                    del w
+            return out
 
-        plan[target] = Producer(expected[target], [s for row in rows for p in row for s in p.sources], make)
+        plan[target] = Producer(expected[target], [s for row in rows for p in row for s in p.sources],
+                                lambda r, f=make_as: f(r, None), make_as=make_as)
     missing = sorted(set(expected) - set(plan) - set(optional) - set(grids))
     problems = []
     if missing or missing_experts:

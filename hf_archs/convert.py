@@ -1,8 +1,10 @@
 """`hf-archs convert` and `hf-archs export`: official release -> this package's layout, and back.
 
-convert: the same checked plan as `from_official` (conversion/), then tensors are produced and written one at a
-time into safetensors shards (peak memory near the largest tensor), with a manifest of SHA-256 hashes of every
-file read and written, provenance in every shard's metadata, the release's tokenizer files, and a model card.
+convert: the same checked plan as `from_official` (conversion/), then tensors are produced one at a time (quantized
+ones dequantized straight into the output dtype) and written into safetensors shards by a writer thread while the
+next is produced (peak memory near two of the largest tensors), with a manifest of SHA-256 hashes of every file
+read (hashed on a thread of their own from the start) and written, provenance in every shard's metadata, the
+release's tokenizer files, and a model card.
 Everything is written to a temporary directory beside DST and renamed into place only after the strict reload
 check passes; SRC is never modified.
 """
@@ -10,7 +12,10 @@ check passes; SRC is never modified.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -41,7 +46,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
     """Convert an official release directory into this package's layout at `dst`. Returns the manifest."""
     from tqdm.auto import tqdm
 
-    from conversion.io import Reader, Release, SafetensorsWriter, atomic_directory, sha256
+    from conversion.io import Reader, SafetensorsWriter, atomic_directory, sha256
 
     from .official import prepare
 
@@ -68,42 +73,69 @@ def convert(src: str | Path, dst: str | Path, dtype: str | torch.dtype | None = 
                 "source": src.name}
     total_bytes = sum(_nbytes(s, d) for _, s, d in entries)
 
-    with atomic_directory(dst, overwrite) as tmp:
-        outputs: dict[str, str] = {}
-        weight_map: dict[str, str] = {}
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"convert {src.name}", disable=not progress)
-        with Reader() as reader:
-            for k, shard in enumerate(shards):
-                fname = (f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
-                         else "model.safetensors")
-                writer = SafetensorsWriter(tmp / fname, shard, metadata)
-                for name, shape, dt in shard:
-                    writer.add(name, prep.plan[name].make(reader).to(dt))
-                    weight_map[name] = fname
-                    bar.update(_nbytes(shape, dt))
-                outputs[fname] = writer.close()
-        bar.close()
-        index = {"metadata": {"total_size": total_bytes, **metadata}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        prep.config.dtype = dtype
-        prep.config.architectures = [prep.arch.causal_lm_class.__name__]
-        prep.config.save_pretrained(tmp)
-        carried, missing = _carry_tokenizer(src, tmp)
-        _reload_check(tmp, entries, total_bytes)
-        for f in ("model.safetensors.index.json", "config.json", *carried):
-            outputs[f] = sha256(tmp / f)
-        manifest = {
-            "source": str(src), "source_format": prep.format, "architecture": prep.arch.name,
-            "model_type": prep.arch.model_type, "dtype": str(dtype).replace("torch.", ""),
-            "converter": versions, "notes": prep.notes,
-            "skipped": prep.skipped, "tokenizer": {"carried": carried, "missing": missing},
-            "source_files": {str(p.relative_to(src)): sha256(p) for p in _sources(prep)},
-            "output_files": outputs, "tensors": len(entries), "bytes": total_bytes,
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        (tmp / "README.md").write_text(model_card(prep, manifest))
+    # The sources are hashed on a worker thread from the start (hashlib releases the GIL), overlapping the
+    # conversion instead of a second pass over the release at the end.
+    hashing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sha256-sources")
+    source_hashes = {str(p.relative_to(src)): hashing.submit(sha256, p) for p in _sources(prep)}
+    try:
+        with atomic_directory(dst, overwrite) as tmp:
+            outputs: dict[str, str] = {}
+            weight_map: dict[str, str] = {}
+            bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"convert {src.name}",
+                       disable=not progress)
+            with Reader() as reader, _intra_op_threads(max(1, _cores() - 2)):
+                for k, shard in enumerate(shards):
+                    fname = (f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1
+                             else "model.safetensors")
+                    with SafetensorsWriter(tmp / fname, shard, metadata) as writer:
+                        for name, shape, dt in shard:
+                            # Produced straight in the output dtype (dequantization rounds once per chunk); written
+                            # and hashed on the writer's thread while the next tensor is produced.
+                            writer.add(name, prep.plan[name].produce(reader, dt))
+                            weight_map[name] = fname
+                            bar.update(_nbytes(shape, dt))
+                        outputs[fname] = writer.close()
+            bar.close()
+            index = {"metadata": {"total_size": total_bytes, **metadata}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            prep.config.dtype = dtype
+            prep.config.architectures = [prep.arch.causal_lm_class.__name__]
+            prep.config.save_pretrained(tmp)
+            carried, missing = _carry_tokenizer(src, tmp)
+            _reload_check(tmp, entries, total_bytes)
+            for f in ("model.safetensors.index.json", "config.json", *carried):
+                outputs[f] = sha256(tmp / f)
+            manifest = {
+                "source": str(src), "source_format": prep.format, "architecture": prep.arch.name,
+                "model_type": prep.arch.model_type, "dtype": str(dtype).replace("torch.", ""),
+                "converter": versions, "notes": prep.notes,
+                "skipped": prep.skipped, "tokenizer": {"carried": carried, "missing": missing},
+                "source_files": {name: fut.result() for name, fut in source_hashes.items()},
+                "output_files": outputs, "tensors": len(entries), "bytes": total_bytes,
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+            (tmp / "README.md").write_text(model_card(prep, manifest))
+    finally:
+        hashing.shutdown(wait=False, cancel_futures=True)  # after a failure: drop the hashes not yet started
     manifest["seconds"] = round(time.perf_counter() - start, 2)
     return manifest
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    """torch's intra-op threads for the dequantization while converting: the cores the writer's and the source
+    hashing threads leave. More only oversubscribes (on 2 busy cores, 2 threads decoded FP8 3x slower than 1:
+    bench/results/convert-cpu.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _sources(prep) -> list[Path]:

@@ -119,7 +119,7 @@ def from_official(path: str | os.PathLike, dtype: torch.dtype | str | None = Non
     model, config = prep.model, prep.config
     keep = fp32_names(model, prep.plan, dtype)
     with Reader() as reader:
-        state = {name: prod.make(reader).to(torch.float32 if name in keep else dtype)
+        state = {name: prod.produce(reader, torch.float32 if name in keep else dtype)
                  for name, prod in prep.plan.items()}
     model.load_state_dict(state, strict=False, assign=True)  # the plan has checked names and shapes
     if getattr(config, "tie_word_embeddings", False):

@@ -16,7 +16,7 @@ class FuseExperts:
     Each expert's sources (nn.Linear weights, [out, in]) are concatenated along dim 0 in the order given, then the
     experts are stacked: [E, sum(out), in]; `transposed=True` stores each expert as [in, sum(out)] instead
     (in-major layouts). Saving through `save_pretrained` writes the per-expert layout back (transformers'
-    conversion mapping, registered for our model_type from the same declaration).
+    conversion mapping, registered for our model_type from the same declaration) unless `save_per_expert=False`.
     """
 
     sources: tuple[str, ...]  # e.g. ("gate_proj.weight", "up_proj.weight")
@@ -25,6 +25,10 @@ class FuseExperts:
     # The experts module's name inside a layer. transformers' conversion patterns are regexes matched anywhere in a
     # key, and `.experts.down_proj` would also match `shared_experts.down_proj`: the parent name keeps them apart.
     module: str = "mlp.experts"
+    # False where the fused layout is itself the official one and only some releases are per expert (Llama 4: the
+    # bf16 releases are fused, Maverick-FP8 per expert): the rule fuses at load (`from_official`, `hf-archs
+    # convert`) but is not registered with transformers, so `save_pretrained` / `export` keep the fused layout.
+    save_per_expert: bool = True
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,13 @@ SWIGLU_EXPERTS = (FuseExperts(("gate_proj.weight", "up_proj.weight"), "gate_up_p
 # Mixtral's per-expert names under `block_sparse_moe` (MiniMax-M2, Grok 2.5): w1 = gate, w3 = up, w2 = down.
 _W1_W3_W2_EXPERTS = (FuseExperts(("w1.weight", "w3.weight"), "gate_up_proj", module="block_sparse_moe.experts"),
                      FuseExperts(("w2.weight",), "down_proj", module="block_sparse_moe.experts"))
+# Llama-4-Maverick-FP8 (compressed-tensors): `feed_forward.experts.<e>.{gate,up,down}_proj.weight`, [out, in] each
+# (the OFFLINE_QUANT_COMPATIBLE branch of transformers' convert_llama4_weights_to_hf.py), into our input-major
+# `gate_up_proj` [E, H, 2I] (= [gate; up] transposed) and `down_proj` [E, I, H].
+_LLAMA4_PER_EXPERT = (FuseExperts(("gate_proj.weight", "up_proj.weight"), "gate_up_proj", transposed=True,
+                                  module="feed_forward.experts", save_per_expert=False),
+                      FuseExperts(("down_proj.weight",), "down_proj", transposed=True, module="feed_forward.experts",
+                                  save_per_expert=False))
 _MULTIMODAL_TOWERS = (("vision_tower.", _VISION), ("model.vision_tower.", _VISION),
                       ("multi_modal_projector.", _PROJECTOR), ("model.multi_modal_projector.", _PROJECTOR))
 
@@ -139,10 +150,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
                  ("gemma3", "gemma3_text"), text_config_key="text_config",
                  key_renames=_MULTIMODAL_TEXT, skip_keys=_MULTIMODAL_TOWERS,
                  export_as=("gemma3_text", "Gemma3ForCausalLM")),
-    # Llama 4's release keeps fused input-major experts, as ours; its vision tower is `vision_model.`.
+    # Llama 4's bf16 releases keep fused input-major experts, as ours; Maverick-FP8 keeps them per expert, [out, in]
+    # (fused at load, saved fused). Its vision tower is `vision_model.`.
     Architecture("llama4", "llama4", "HfaLlama4Config", "HfaLlama4Model", "HfaLlama4ForCausalLM",
                  ("llama4", "llama4_text"), text_config_key="text_config", key_renames=_MULTIMODAL_TEXT,
-                 skip_keys=_MULTIMODAL_TOWERS + (("vision_model.", _VISION), ("model.vision_model.", _VISION))),
+                 skip_keys=_MULTIMODAL_TOWERS + (("vision_model.", _VISION), ("model.vision_model.", _VISION)),
+                 fuse_experts=_LLAMA4_PER_EXPERT),
     Architecture("gpt_oss", "gpt_oss", "HfaGptOssConfig", "HfaGptOssModel", "HfaGptOssForCausalLM", ("gpt_oss",),
                  dequant_transposed=("gate_up_proj", "down_proj"),
                  notes="the Hub root's experts are MXFP4 along the input dim: dequantized, then [E, in, out]"),
@@ -206,7 +219,7 @@ def expert_conversions(rules: tuple[FuseExperts, ...]) -> list:
     from transformers.core_model_loading import Concatenate, MergeModulelist, Transpose, WeightConverter
 
     converters = []
-    for rule in rules:
+    for rule in (r for r in rules if r.save_per_expert):
         ops = [MergeModulelist(dim=0)] + ([Concatenate(dim=1)] if len(rule.sources) > 1 else [])
         ops += [Transpose(1, 2)] if rule.transposed else []
         converters.append(WeightConverter(source_patterns=[f"{rule.module}.*.{s}" for s in rule.sources],
@@ -243,7 +256,7 @@ def register_all() -> list[str]:
                     raise RuntimeError(f"model_type {arch.model_type!r} is already registered by another package")
                 continue
             AutoConfig.register(arch.model_type, config_class)
-            if arch.fuse_experts:
+            if any(rule.save_per_expert for rule in arch.fuse_experts):
                 register_checkpoint_conversion_mapping(arch.model_type, expert_conversions(arch.fuse_experts))
             AutoModel.register(config_class, arch.model_class)
             AutoModelForCausalLM.register(config_class, arch.causal_lm_class)

@@ -23,6 +23,39 @@ def test_fp8_block_matches_a_per_element_loop_on_ragged_shapes():
     assert torch.equal(out, ref)
 
 
+def test_e4m3_table_is_torchs_conversion_of_every_byte():
+    codes = torch.arange(256, dtype=torch.uint8)
+    table, plain = dequant.byte_values(), codes.view(torch.float8_e4m3fn).float()
+    nan = torch.isnan(plain)
+    assert nan.sum() == 2 and torch.equal(torch.isnan(table), nan)  # 0x7F and 0xFF
+    assert torch.equal(table[~nan].view(torch.int32), plain[~nan].view(torch.int32))  # -0.0 and subnormals too
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 40, 2**22])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_block_in_chunks_is_bit_exact(chunk_elements, dtype):
+    """Chunked, table-decoded, scaled in place and rounded once to `dtype`: the same bits as the plain
+    `(w.float() * s_expanded).to(dtype)`, for chunks of one block row up to the whole weight, ragged edges."""
+    gen = torch.Generator().manual_seed(0)
+    m, n, bm, bn = 37, 29, 4, 8  # 10 x 4 blocks, the last row and column of blocks partial
+    w = torch.randint(0, 256, (m, n), dtype=torch.uint8, generator=gen)
+    w[w & 0x7F == 0x7F] = 0  # no NaN codes: torch.equal would fail on NaN == NaN
+    w = w.view(torch.float8_e4m3fn)
+    s = torch.rand(10, 4, generator=gen) * 1e-2
+    expanded = s.repeat_interleave(bm, 0)[:m].repeat_interleave(bn, 1)[:, :n]
+    ref = (w.float() * expanded).to(dtype)
+    out = dequant.fp8_block(w, s, block=(bm, bn), chunk_elements=chunk_elements, dtype=dtype)
+    assert out.dtype == dtype and torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
+
+
+def test_fp8_scaled_rounds_once_to_the_dtype():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randint(0, 126, (6, 10), dtype=torch.uint8, generator=gen).view(torch.float8_e4m3fn)
+    scale = torch.rand(6, 1, generator=gen)
+    out = dequant.fp8_scaled(w, scale, dtype=torch.bfloat16)
+    assert torch.equal(out.view(torch.int16), (w.float() * scale).to(torch.bfloat16).view(torch.int16))
+
+
 def test_fp8_block_deepseek_576_rows():
     w = torch.ones(576, 256).to(torch.float8_e4m3fn)
     s = torch.arange(1, 11, dtype=torch.float32).reshape(5, 2)

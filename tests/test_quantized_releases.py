@@ -16,6 +16,7 @@ import pytest
 import torch
 from cases import BY_NAME
 from helpers import max_rel_diff, randomize, tokens
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import hf_archs
@@ -186,12 +187,10 @@ def test_fp8_channel_compressed_tensors_glm4_moe(tmp_path):
     assert torch.equal(model.state_dict()[key], dequantized[key])
 
 
-@pytest.mark.xfail(strict=True, raises=hf_archs.CheckpointError, reason="llama4 declares no per-expert fuse rule, so Maverick-FP8's "
-                                        "`feed_forward.experts.<e>.{gate,up,down}_proj.weight` are refused as "
-                                        "unexpected (see the issue-6 report)")
-def test_fp8_channel_compressed_tensors_llama4_per_expert(tmp_path):
+def test_fp8_channel_compressed_tensors_llama4_per_expert(tmp_path, tmp_path_factory):
     """Llama-4-Maverick-FP8 keeps its experts per expert, [out, in] (the OFFLINE_QUANT_COMPATIBLE layout of
-    transformers' converter), each quantized per channel."""
+    transformers' converter), each quantized per channel: fused at load into the input-major [E, H, 2I] /
+    [E, I, H] of the bf16 releases, exactly; `hf-archs convert` writes that fused layout."""
     ref, _ = _write("llama4", tmp_path)
     file = _release_file(tmp_path)
     tensors = load_file(file)
@@ -216,7 +215,22 @@ def test_fp8_channel_compressed_tensors_llama4_per_expert(tmp_path):
                                                      dequantized[f"{p}{e}.up_proj.weight"]]).T for e in range(n)]))
             state[key.replace("gate_up", "down")].copy_(
                 torch.stack([dequantized[f"{p}{e}.down_proj.weight"].T for e in range(n)]))
-    _compare("llama4", tmp_path, ref)
+    model = _compare("llama4", tmp_path, ref)
+    ours, gate = model.state_dict(), dequantized["language_model.model.layers.1.feed_forward.experts.2.gate_proj.weight"]
+    inter = gate.shape[0]
+    assert torch.equal(ours["model.layers.1.feed_forward.experts.gate_up_proj"][2, :, :inter], gate.T)
+    assert torch.equal(ours["model.layers.3.feed_forward.experts.down_proj"][1],
+                       dequantized["language_model.model.layers.3.feed_forward.experts.1.down_proj.weight"].T)
+    # Converted, the experts are written fused (the layout of the bf16 releases and of transformers' Llama 4).
+    from hf_archs.convert import convert
+
+    out = tmp_path_factory.mktemp("converted") / "llama4"
+    convert(tmp_path, out, dtype="float32", progress=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert not any(re.search(r"\.experts\.\d+\.", k) for k in keys)
+        assert torch.equal(f.get_tensor("model.layers.3.feed_forward.experts.down_proj"),
+                           ours["model.layers.3.feed_forward.experts.down_proj"])
 
 
 # --- gpt-oss root release: MXFP4 experts -----------------------------------------------------------------------
