@@ -160,3 +160,15 @@ def test_latent_cache_layer_appends_in_place_and_adopts_reassigned_tensors():
     both(lambda layer: layer.batch_select_indices(torch.tensor([1])))  # reassigns keys / values
     both(lambda layer: layer.update(steps[3][0][1:], steps[3][1][1:]))  # adopted into fresh storage
     assert ours.keys.shape == (1, 1, 8, 6)
+
+
+@pytest.mark.parametrize("length", [300, 512, 600, 1030])
+def test_blocked_scores_equal_one_matmul(length):
+    from hf_archs.layers.mla import blocked_scores
+
+    torch.manual_seed(0)
+    q, keys = torch.randn(2, 16, 576), torch.randn(2, length, 576)
+    torch.testing.assert_close(blocked_scores(q, keys), torch.bmm(q, keys.transpose(1, 2)), rtol=1e-5, atol=1e-4)
+    strided = torch.randn(2, length, 600)[..., :576]  # a view with a row stride wider than its width (joint_view)
+    torch.testing.assert_close(blocked_scores(q, strided), torch.bmm(q, strided.transpose(1, 2)), rtol=1e-5,
+                               atol=1e-4)

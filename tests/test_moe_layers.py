@@ -112,3 +112,38 @@ def test_expert_load_and_router_module():
     router.e_score_correction_bias[3] = 100.0
     logits, w, i = router(torch.randn(2, 5, 8))
     assert logits.shape == (10, 4) and (i == 3).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed,interleaved,bias", [(False, False, False), (True, True, True)])
+def test_cpu_grouped_experts_give_the_loop_bits_in_inference(dtype, transposed, interleaved, bias):
+    """Without autograd the CPU path runs torch's grouped matmul (when enough experts have tokens): the same bits
+    as the per-expert loop; with few experts used, or with gradients, the loop runs."""
+    torch.manual_seed(0)
+    e, h, i, t, k = 16, 64, 32, 40, 4
+    glu = clamped_swiglu() if interleaved else act_glu("silu")
+    experts = Experts(e, h, i, glu=glu, transposed=transposed, interleaved=interleaved, bias=bias).to(dtype)
+    if bias:
+        torch.nn.init.normal_(experts.gate_up_proj_bias), torch.nn.init.normal_(experts.down_proj_bias)
+    x = torch.randn(t, h, dtype=dtype)
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    w = torch.rand(t, k, dtype=dtype)
+    calls = []
+    grouped = experts._grouped
+    experts._grouped = lambda *a: calls.append(1) or grouped(*a)  # noqa: E731 (counts the grouped calls)
+    with torch.inference_mode():
+        fast = experts(x, idx, w)
+    assert calls, "the grouped path did not run"
+    del experts._grouped
+    with torch.inference_mode():
+        experts.expert_forward = functools.partial(Experts.expert_forward, experts)  # forces the loop
+        loop = experts(x, idx, w)
+        del experts.expert_forward
+    assert torch.equal(fast, loop)
+    calls.clear()
+    experts._grouped = lambda *a: calls.append(1) or grouped(*a)  # noqa: E731
+    with torch.inference_mode():
+        experts(x[:1], idx[:1, :1], w[:1, :1])  # one expert of 16 used: the loop is cheaper
+    x.requires_grad_(True)
+    experts(x, idx, w).float().sum().backward()  # with autograd: the loop (torch's CPU backward is not used)
+    assert not calls and x.grad is not None

@@ -34,6 +34,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from .attention import eager_attention
+from .linear import Linear
 from .norms import RMSNorm
 from .rope import apply_rope
 
@@ -165,15 +166,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.is_causal = True
         self.num_key_value_groups = 1  # read by transformers' kernels: the decompressed keys are per head
         if q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden_size, num_heads * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(hidden_size, num_heads * self.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden_size, q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden_size, q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(q_lora_rank, eps=latent_norm_eps)
-            self.q_b_proj = nn.Linear(q_lora_rank, num_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias)
+            self.q_b_proj = Linear(q_lora_rank, num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, eps=latent_norm_eps)
-        self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
-        self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=bias)
+        self.kv_b_proj = Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.o_proj = Linear(num_heads * v_head_dim, hidden_size, bias=bias)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return apply_rope(deinterleave(x) if self.interleaved_rope else x, cos, sin)
