@@ -210,10 +210,10 @@ def test_gated_mlp(act, fn):
 
 
 @pytest.mark.parametrize("kernel", ["eager", "sdpa", "sink_eager", "sink_sdpa"])
-@pytest.mark.parametrize("window", [8, 100])
-def test_banded_sliding_attention_equals_the_whole_sequence(kernel, window):
-    """`attend` on a long sliding-window prefill (block by block over the band) equals the kernel on the whole
-    sequence, left padding included, and passes gradients."""
+@pytest.mark.parametrize("window,chunk", [(8, None), (100, None), (None, 48), (None, 100)])
+def test_banded_attention_equals_the_whole_sequence(kernel, window, chunk):
+    """`attend` on a long sliding-window or chunked prefill (block by block over the band) equals the kernel on
+    the whole sequence, left padding included, and passes gradients."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from hf_archs.layers import attend
@@ -229,14 +229,15 @@ def test_banded_sliding_attention_equals_the_whole_sequence(kernel, window):
     q = torch.randn(b, h, t, d, requires_grad=True)
     k, v = torch.randn(b, kv, t, d), torch.randn(b, kv, t, d)
     i = torch.arange(t)
-    allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+    allowed = i[:, None] >= i[None, :]
+    allowed &= (i[:, None] - i[None, :] < window) if window else (i[:, None] // chunk == i[None, :] // chunk)
     pad = torch.ones(b, t, dtype=torch.bool)
     pad[1, :37] = False  # left padding in the second row
     mask = (allowed[None] & pad[:, None, :])[:, None]  # [b, 1, t, t] bool
     if kernel == "eager":
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     whole, _ = fn(module, q, k, v, mask, scaling=d**-0.5, sliding_window=window)
-    banded, weights = attend(fn, module, q, k, v, mask, scaling=d**-0.5, sliding_window=window)
+    banded, weights = attend(fn, module, q, k, v, mask, scaling=d**-0.5, sliding_window=window, chunk_size=chunk)
     assert weights is None  # the band path was taken (the whole-sequence call would return weights or None)
     keep = pad[:, :, None, None].expand_as(whole)  # fully padded query rows are undefined in both
     torch.testing.assert_close(banded[keep], whole[keep], rtol=1e-5, atol=1e-6)
@@ -273,6 +274,13 @@ def test_attend_bands_only_where_it_is_exact_and_useful(monkeypatch):
             torch.testing.assert_close(out[0], q.transpose(1, 2))
         else:
             assert out[1] == "weights" and calls == [(300, keys.shape[2])]
+    calls.clear()  # chunks of 100: one block per chunk
+    out = attend(kernel, None, q, q, q, full, chunk_size=100)
+    assert out[1] is None and calls == [(100, 100)] * 3
+    calls.clear()  # chunks of 2048: blocks of 1024 that stop at each chunk boundary, keys from the chunk's start
+    long = torch.randn(1, 2, 3000, 8)
+    out = attend(kernel, None, long, long, long, torch.ones(1, 1, 3000, 3000, dtype=torch.bool), chunk_size=2048)
+    assert out[1] is None and calls == [(1024, 1024), (1024, 2048), (952, 952)]
     monkeypatch.setattr(attention, "ROW_WISE_KERNELS", [])
     calls.clear()
     assert attend(kernel, None, q, q, q, full, sliding_window=8)[1] == "weights" and len(calls) == 1  # unknown kernel

@@ -44,29 +44,35 @@ ROW_WISE_KERNELS: list[Callable] = [eager_attention]
 
 
 def attend(attention_fn: Callable, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-           attention_mask: torch.Tensor | None, sliding_window: int | None = None,
+           attention_mask: torch.Tensor | None, sliding_window: int | None = None, chunk_size: int | None = None,
            **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`attention_fn(module, query, key, value, attention_mask, sliding_window=..., **kwargs)`, with one shortcut.
 
-    A sliding-window layer over a long fresh sequence (queries = keys, no cache before) attends block by block:
-    the queries of positions [s, e) meet only the keys [s - window, e), the band their mask can let through,
-    with the mask sliced to match. The kernels then do O(T x (block + window)) work instead of O(T^2) (torch's
-    sdpa and the eager path compute every masked-out pair; 512 tokens, window 8: 17 ms -> 1.6 ms per layer on
-    one CPU thread). Same values up to the summation order of fp32 (tests/test_layers.py); the attention
-    weights of the band path are not returned (None).
+    A sliding-window or chunked layer over a long fresh sequence (queries = keys, no cache before) attends block
+    by block: the queries of positions [s, e) meet only the keys their mask can let through, [s - window, e) for a
+    window, [start of s's chunk, e) for chunks (blocks never straddle a chunk boundary), with the mask sliced to
+    match. The kernels then do O(T x (block + window or chunk)) work instead of O(T^2) (torch's sdpa and the eager
+    path compute every masked-out pair; 512 tokens, window 8: 17 ms -> 1.6 ms per layer on one CPU thread). Same
+    values up to the summation order of fp32 (tests/test_layers.py); the band path returns no attention weights.
     """
     q_len, k_len = query.shape[2], key.shape[2]
-    block = min(max(sliding_window or 0, 64), 1024)
-    if (not sliding_window or q_len != k_len or q_len <= block + sliding_window or attention_mask is None
+    span = sliding_window or chunk_size
+    block = min(max(span or 0, 64), 1024)
+    if (not span or q_len != k_len or q_len <= block + (sliding_window or 0) or attention_mask is None
             or attention_mask.shape[-2:] != (q_len, k_len)
             or not (attention_fn in ROW_WISE_KERNELS or attention_fn is ALL_ATTENTION_FUNCTIONS.get("sdpa"))):
         return attention_fn(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
-    outs = []
-    for s in range(0, q_len, block):
-        e, ks = min(s + block, q_len), max(0, s - sliding_window)
+    outs, s = [], 0
+    while s < q_len:
+        if sliding_window:
+            e, ks = min(s + block, q_len), max(0, s - sliding_window)
+        else:
+            ks = s // chunk_size * chunk_size
+            e = min(s + block, ks + chunk_size, q_len)
         out, _ = attention_fn(module, query[:, :, s:e], key[:, :, ks:e], value[:, :, ks:e],
                               attention_mask[..., s:e, ks:e], sliding_window=sliding_window, **kwargs)
-        outs.append(out)  # [b, block, h, d]
+        outs.append(out)  # [b, e - s, h, d]
+        s = e
     return torch.cat(outs, dim=1), None
 
 

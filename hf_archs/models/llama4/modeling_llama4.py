@@ -32,7 +32,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils.output_capturing import OutputRecorder
 
 from ...layers import Attention, GatedMLP, RMSNorm, RotaryEmbedding
-from ...layers.attention import eager_attention
+from ...layers.attention import attend, eager_attention
 from ...layers.moe import Experts, TopKRouter, act_glu, sigmoid_top1_input_scale
 from ...layers.rope import apply_rope
 from ...modeling_base import HfaPreTrainedModel, MoECausalLM, MoEDecoderModel
@@ -70,6 +70,7 @@ class Llama4Attention(Attention):
         self.qk_norm_eps = c.rms_norm_eps if c.use_qk_norm and use_rope else None
         self.temperature_tuning = bool(c.attn_temperature_tuning) and not use_rope
         self.floor_scale, self.attn_scale = c.floor_scale, c.attn_scale
+        self.chunk_size = c.attention_chunk_size if c.layer_types[layer_idx] == "chunked_attention" else None
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
                 attention_mask: torch.Tensor | None, cache=None, attention_fn: Callable = eager_attention,
@@ -90,8 +91,8 @@ class Llama4Attention(Attention):
             q = (q * scale[:, None, :, None]).to(q.dtype)  # [b or 1, 1, t, 1], fp32 product as transformers
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        out, _ = attention_fn(self, q, k, v, attention_mask, scaling=self.scaling,
-                              dropout=self.attention_dropout if self.training else 0.0, **kwargs)
+        out, _ = attend(attention_fn, self, q, k, v, attention_mask, chunk_size=self.chunk_size,
+                        scaling=self.scaling, dropout=self.attention_dropout if self.training else 0.0, **kwargs)
         return self.o_proj(out.reshape(b, t, -1))
 
 
