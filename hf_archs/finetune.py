@@ -10,8 +10,9 @@ One script for one process, `torchrun` or `accelerate launch` (DDP, FSDP2, DeepS
     global batch of step s = a fixed slice of a seeded per-epoch permutation; rank r takes its share, so any
     number of processes sees the same global batch (and resuming at step s needs no data state)
     loss = sum of token cross-entropies / tokens in the global batch, computed from the final hidden states in
-         chunks of `loss_chunk_size` tokens, each chunk's logits recomputed in backward (never [tokens, vocab]
-         for the whole batch), only at labelled positions
+         chunks of `loss_chunk_size` tokens, only at labelled positions, head and cross-entropy fused: each
+         chunk's gradient is computed with its logits in the forward and the logits freed (never [tokens, vocab]
+         for the whole batch, no recomputation in backward)
 
 Optimizers: AdamW, or Muon (`torch.optim.Muon`, Moonshot's RMS-matched learning rate) for the 2-D hidden weights
 and AdamW for embeddings, norms, biases, the head and 3-D expert factors; optional QK-clip (Kimi K2) for full
@@ -278,14 +279,81 @@ class GlobalBatches:
 # ----------------------------------------------------------------------------------------------------------------
 # Memory-lean loss
 # ----------------------------------------------------------------------------------------------------------------
+class LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of `cross_entropy(hidden @ weight.T, targets)` with the gradients computed in the forward,
+    `chunk` rows at a time: the gradient of a summed cross-entropy with respect to its logits is known as soon as
+    the logits are (softmax - one-hot), so each chunk's [chunk, vocab] logits are used once and freed, and
+    backward only scales the stored `grad_hidden` [rows, hidden] (and `grad_weight`, when the head is trained) by
+    the incoming gradient. Compared with checkpointing each chunk, the head's matmul is not recomputed in
+    backward; compared with autograd over whole logits, no [rows, vocab] tensor (nor its fp32 copy, softmax and
+    gradient) ever exists. Softmax and the loss are computed in fp32 whatever the matmul's dtype (autocast
+    applies to the matmuls as it would to the head module). The same chunked idea as Liger's fused linear
+    cross-entropy, written with torch ops."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:  # hidden [N, H], weight [V, H], targets [N]
+        device = hidden.device.type
+        # The matmuls' dtype: autocast's when it is on (as the head module would run), else the weight's.
+        mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        n_max = min(chunk, hidden.shape[0])
+        # One buffer of each kind for every chunk: a fresh [chunk, V] tensor per chunk would cost its page faults
+        # (or allocator traffic) again each time.
+        logits_buf = torch.empty(n_max, weight.shape[0], dtype=mm_dtype, device=weight.device)
+        probs_buf = torch.empty(n_max, weight.shape[0], dtype=torch.float32, device=weight.device)
+        with torch.autocast(device, enabled=False):
+            w = weight.to(mm_dtype)
+            for start in range(0, hidden.shape[0], chunk):
+                h, t = hidden[start:start + chunk].to(mm_dtype), targets[start:start + chunk]
+                n = t.shape[0]
+                rows = torch.arange(n, device=t.device)
+                logits = torch.mm(h, w.t(), out=logits_buf[:n])  # [n, V]
+                probs = torch.softmax(logits, dim=-1, dtype=torch.float32, out=probs_buf[:n])  # fp32 always
+                p_target = probs[rows, t]
+                loss = -p_target.log()  # exact while the target's probability is a normal fp32 number
+                tiny = p_target < 1e-30  # loss > 69: from the logits instead (rare; never an underflow to inf)
+                if bool(tiny.any()):
+                    x = logits[tiny].float()
+                    loss[tiny] = torch.logsumexp(x, dim=-1) - x.gather(1, t[tiny, None]).squeeze(1)
+                total += loss.sum()
+                if not (want_h or want_w):
+                    continue
+                probs[rows, t] -= 1.0  # d loss / d logits = softmax - one-hot
+                g = probs  # softmax - one-hot, in the matmul's dtype: into the logits' buffer (no longer needed)
+                if mm_dtype != torch.float32:
+                    g = logits.copy_(probs)
+                if want_h:
+                    grad_hidden[start:start + n] = g @ w  # [n, H]
+                if want_w:
+                    grad_weight += (g.t() @ h).float()  # [V, H]
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
 class LossModel(nn.Module):
     """Wraps a CausalLM (possibly LoRA-injected) so that one `forward` returns the *sum* of token cross-entropies
-    and the number of target tokens, without materialising [tokens, vocab] logits: the final hidden states at
-    labelled positions go through the head in chunks, each chunk under non-reentrant activation checkpointing
-    (its logits are freed after the forward and recomputed in backward). Distributed wrappers wrap this module,
-    so their hooks see the whole computation."""
+    and the number of target tokens, without materialising [tokens, vocab] logits: only the final hidden states
+    at labelled positions go through the head, `chunk_size` rows at a time. With a plain linear head (no logit
+    post-processing such as soft-capping, no bias, weights not sharded) the head and the cross-entropy are fused
+    (`LinearCrossEntropy`: gradients computed chunk by chunk in the forward, no recomputation); otherwise each
+    chunk runs under non-reentrant activation checkpointing (its logits freed after the forward and recomputed
+    in backward). Distributed wrappers wrap this module, so their hooks see the whole computation."""
 
-    def __init__(self, causal_lm: nn.Module, chunk_size: int = 1024, router_aux_loss_coef: float = 0.0) -> None:
+    def __init__(self, causal_lm: nn.Module, chunk_size: int = 256, router_aux_loss_coef: float = 0.0) -> None:
         super().__init__()
         self.lm = causal_lm
         self.chunk_size = chunk_size
@@ -298,11 +366,56 @@ class LossModel(nn.Module):
             logits = self.lm.process_logits(logits)
         return F.cross_entropy(logits.float(), targets, reduction="sum")
 
+    def fused_head(self) -> bool:
+        """Whether the head can run fused with the loss: a plain linear layer (`nn.Linear` or the package's own
+        `Linear`, not a quantized or adapted subclass) without bias or hooks, no logit
+        post-processing, and a weight that is an ordinary tensor right now (not a DTensor shard of FSDP, not a
+        DeepSpeed ZeRO-3 partition); anything else goes through the module (checkpointed chunks)."""
+        from .layers.linear import Linear
+        from .modeling_base import CausalLM
+
+        head = self.lm.lm_head
+        processed = hasattr(self.lm, "process_logits") and (
+            not isinstance(self.lm, CausalLM) or type(self.lm).process_logits is not CausalLM.process_logits)
+        w = getattr(head, "weight", None)
+        return (type(head) in (nn.Linear, Linear) and head.bias is None and not processed and w is not None
+                and not head._forward_hooks and not head._forward_pre_hooks
+                and type(w.data) is torch.Tensor and not hasattr(w, "ds_id") and w.numel() > 0)
+
+    @contextlib.contextmanager
+    def _adapter_input_casts_off(self, device_type: str):
+        """Under autocast, PEFT's cast of each LoRA linear's input to the adapter's dtype (fp32 over a bf16 base)
+        makes a copy that autocast casts straight back to bf16 for the matmul, and that copy is what the adapter
+        keeps for backward: one extra [tokens, in] tensor per adapted projection (q, k and v each make their
+        own). Same numbers without it (the bf16 input is exact in fp32), so it is switched off while autocast runs.
+        Only PEFT's plain `Linear` LoRA layers: other layers keep their own casting."""
+        if not torch.is_autocast_enabled(device_type):
+            yield
+            return
+        try:
+            from peft.tuners.lora.layer import Linear as LoraLinear
+        except ImportError:
+            yield
+            return
+        layers = [m for m in self.lm.modules() if type(m) is LoraLinear]
+        before = [m.__dict__.get("cast_input_dtype_enabled") for m in layers]
+        for m in layers:
+            m.cast_input_dtype_enabled = False
+        try:
+            yield
+        finally:
+            for m, b in zip(layers, before):
+                if b is None:
+                    del m.cast_input_dtype_enabled
+                else:
+                    m.cast_input_dtype_enabled = b
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         kwargs = {"output_router_logits": True} if self.router_aux_loss_coef else {}
-        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False, **kwargs)
+        with self._adapter_input_casts_off(input_ids.device.type):
+            out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False, **kwargs)
         hidden = out.last_hidden_state[:, :-1]  # position i predicts token i + 1
         targets = labels[:, 1:]
         keep = targets != IGNORE
@@ -310,18 +423,20 @@ class LossModel(nn.Module):
         total = hidden.sum() * 0.0  # keeps the graph connected when this micro-batch has no target
         total = total.float()
         chunk = self.chunk_size if self.chunk_size > 0 else max(1, selected.shape[0])
-        for start in range(0, selected.shape[0], chunk):
-            h, t = selected[start:start + chunk], targets[start:start + chunk]
-            if self.training and torch.is_grad_enabled():
-                total = total + torch.utils.checkpoint.checkpoint(self._chunk_loss, h, t, use_reentrant=False)
-            else:
-                total = total + self._chunk_loss(h, t)
+        grad = self.training and torch.is_grad_enabled()
+        if grad and selected.shape[0] and self.fused_head():
+            total = total + LinearCrossEntropy.apply(selected, self.lm.lm_head.weight, targets, chunk)
+        else:
+            for start in range(0, selected.shape[0], chunk):
+                h, t = selected[start:start + chunk], targets[start:start + chunk]
+                if grad:
+                    total = total + torch.utils.checkpoint.checkpoint(self._chunk_loss, h, t, use_reentrant=False)
+                else:
+                    total = total + self._chunk_loss(h, t)
         aux = None
         if self.router_aux_loss_coef and getattr(out, "router_logits", None):
-            from .layers.moe import load_balancing_loss
-
-            aux = load_balancing_loss(out.router_logits, self.lm.num_routed_experts,
-                                      self.lm.config.num_experts_per_tok, attention_mask)
+            # The release's recipe: the Switch loss, or DeepSeek's sequence-wise loss where the config says seq_aux.
+            aux = self.lm.router_balance_loss(out.router_logits, attention_mask, input_ids.shape[0])
         return total, keep.sum(), aux
 
 
@@ -511,7 +626,8 @@ class FinetuneArgs:
     epochs: float | None = None
     precision: str = "fp32"
     gradient_checkpointing: bool = False
-    loss_chunk_size: int = 1024
+    # 256: measured fastest on a CPU with a 152k vocabulary (bench/bench_lora.py), and [256, vocab] is small
+    loss_chunk_size: int = 256
     attn_implementation: str | None = None
     seed: int = 0
     # evaluation, logging, checkpoints
@@ -635,25 +751,89 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def recipe_accelerator(precision: str = "fp32", cpu: bool | None = None):
+    """The recipe's `Accelerator`: the machine's accelerator if there is one (else the CPU, or always with
+    `cpu=True`; a torchrun-style launch of CPU processes then runs DDP on gloo), bf16 autocast when
+    `precision == "bf16"`. Resets accelerate's process-wide state first, so that several runs in one process (the
+    API, tests, benchmarks) may differ in precision (the process group is kept)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state()
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return Accelerator(cpu=not has_accelerator if cpu is None else cpu, mixed_precision="bf16" if precision == "bf16" else "no",
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+
+
+def prepare_model(base: nn.Module, args: FinetuneArgs) -> tuple[nn.Module, dict[str, Any]]:
+    """The model the recipe trains, from a loaded base model: under LoRA with `precision="bf16"` the frozen base
+    in bf16 (PEFT keeps the adapters in fp32), no KV cache, optional gradient checkpointing, and the LoRA adapters
+    on `lora_targets` (or every weight trainable with `full`). Returns (model, the `LoraConfig` target arguments)."""
+    if args.precision == "bf16" and not args.full:
+        base = base.to(torch.bfloat16)  # frozen base in bf16; PEFT keeps the adapters in fp32
+    base.config.use_cache = False
+    if args.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.full:
+        base.requires_grad_(True)
+        return base, {}
+    from peft import LoraConfig, get_peft_model
+
+    from .lora import lora_targets
+
+    targets = lora_targets(base, **lora_groups(args), experts_method=args.experts_method)
+    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
+                     **targets)
+    return get_peft_model(base, cfg), targets
+
+
+def optimizer_step(ddp_model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+                   micro_batches: Sequence[dict[str, torch.Tensor]], accelerator, max_grad_norm: float = 1.0,
+                   router_aux_loss_coef: float = 0.0, schedulers: Sequence[Any] = ()
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One optimizer step of the recipe over this process's micro-batches (gradient accumulation): forward of
+    the `LossModel` (`ddp_model`, as `accelerator.prepare` returned it) under the accelerator's autocast, loss =
+    token cross-entropy sum / target tokens of the *global* batch, backward per micro-batch (gradient sync on the
+    last only), gradient clipping at `max_grad_norm` (0 = none), the optimizers' and schedulers' steps, zero_grad.
+    Returns (mean loss over the global batch, global target tokens, gradient norm before clipping or None)."""
+    acc = accelerator
+    world = acc.num_processes
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+    n_global = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), "sum")
+    loss_sum = torch.zeros((), device=acc.device)
+    for j, batch in enumerate(micro_batches):
+        sync = j == len(micro_batches) - 1
+        ctx = contextlib.nullcontext() if sync or world == 1 else acc.no_sync(ddp_model)
+        with ctx:
+            with acc.autocast():
+                total, _, aux = ddp_model(**batch)
+            # DDP averages gradients over processes: times world size makes it the global token mean.
+            loss = total * world / n_global.clamp_min(1)
+            if aux is not None:
+                loss = loss + router_aux_loss_coef * aux / len(micro_batches)
+            acc.backward(loss)
+        loss_sum += total.detach()
+    grad_norm = None
+    if max_grad_norm:
+        grad_norm = acc.clip_grad_norm_([p for p in ddp_model.parameters() if p.requires_grad], max_grad_norm)
+    for o in optimizers:
+        o.step()
+    for s in schedulers:
+        s.step()
+    for o in optimizers:
+        o.zero_grad(set_to_none=True)
+    return acc.reduce(loss_sum, "sum") / n_global.clamp_min(1), n_global, grad_norm
+
+
 class Finetune:
     """The recipe as an object: `Finetune(args).run()` returns the summary written to `log.json`."""
 
     def __init__(self, args: FinetuneArgs, accelerator=None) -> None:
         args.check()
         self.args = args
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        if accelerator is None and AcceleratorState._shared_state:
-            # Several runs in one Python process (the API, tests): the precision may differ from the last run's.
-            AcceleratorState._reset_state()  # keeps the process group (PartialState)
-
-        # No accelerator: CPU processes (a torchrun-style launch then runs DDP on gloo).
-        has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-        self.accelerator = accelerator or Accelerator(
-            cpu=not has_accelerator, mixed_precision="bf16" if args.precision == "bf16" else "no",
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        self.accelerator = accelerator or recipe_accelerator(args.precision)
         if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
                 and "FSDP" not in str(self.accelerator.distributed_type)):
             logger.warning("an FSDP config was given but Accelerate runs %s: Accelerate sets FSDP up only on GPU-like "
@@ -680,28 +860,11 @@ class Finetune:
             base = load_model(a.model, torch.float32, a.attn_implementation)
         if a.attn_implementation and a.tiny:
             base.set_attn_implementation(a.attn_implementation)
-        if a.precision == "bf16" and not a.full:
-            base = base.to(torch.bfloat16)  # frozen base in bf16; PEFT keeps the adapters in fp32
-        base.config.use_cache = False
-        if a.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         from accelerate.utils import DistributedDataParallelKwargs
 
         from .layers.moe import Experts
 
-        self.targets: dict[str, Any] = {}
-        if a.full:
-            self.model = base
-            self.model.requires_grad_(True)
-        else:
-            from peft import LoraConfig, get_peft_model
-
-            from .lora import lora_targets
-
-            self.targets = lora_targets(base, **lora_groups(a), experts_method=a.experts_method)
-            cfg = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, task_type="CAUSAL_LM",
-                             **self.targets)
-            self.model = get_peft_model(base, cfg)
+        self.model, self.targets = prepare_model(base, a)
         self.qk_clip = QKClip(self.model, a.qk_clip) if a.qk_clip is not None else None
         self.loss_model = LossModel(causal_lm_of(self.model), a.loss_chunk_size, a.router_aux_loss_coef)
         self.trainable = [n for n, p in self.loss_model.named_parameters() if p.requires_grad]
@@ -844,36 +1007,14 @@ class Finetune:
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, Any]:
-        acc, a = self.accelerator, self.args
+        a = self.args
         micro = [self._batch(step, j) for j in range(a.grad_accum)]
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
-        n_global = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), "sum")
-        loss_sum = torch.zeros((), device=acc.device)
-        for j, batch in enumerate(micro):
-            sync = j == len(micro) - 1
-            ctx = contextlib.nullcontext() if sync or self.world == 1 else acc.no_sync(self.ddp_model)
-            with ctx:
-                with acc.autocast():
-                    total, _, aux = self.ddp_model(**batch)
-                # DDP averages gradients over processes: times world size makes it the global token mean.
-                loss = total * self.world / n_global.clamp_min(1)
-                if aux is not None:
-                    loss = loss + a.router_aux_loss_coef * aux / len(micro)
-                acc.backward(loss)
-            loss_sum += total.detach()
-        grad_norm = None
-        if a.max_grad_norm:
-            grad_norm = acc.clip_grad_norm_([p for p in self.ddp_model.parameters() if p.requires_grad],
-                                            a.max_grad_norm)
-        for o in self.optimizers:
-            o.step()
-        for s in self.schedulers:
-            s.step()
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=True)
+        loss, n_global, grad_norm = optimizer_step(self.ddp_model, self.optimizers, micro, self.accelerator,
+                                                   max_grad_norm=a.max_grad_norm,
+                                                   router_aux_loss_coef=a.router_aux_loss_coef,
+                                                   schedulers=self.schedulers)
         clipped = self.qk_clip.apply() if self.qk_clip is not None else 0
-        loss_global = acc.reduce(loss_sum, "sum") / n_global.clamp_min(1)
-        row = {"step": step + 1, "loss": float(loss_global), "lr": self.schedulers[0].get_last_lr()[0],
+        row = {"step": step + 1, "loss": float(loss), "lr": self.schedulers[0].get_last_lr()[0],
                "tokens": int(n_global)}
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
@@ -1163,7 +1304,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16: autocast, and a frozen bf16 base under LoRA (adapters stay fp32)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     g.add_argument("--loss-chunk-size", type=int, default=d.loss_chunk_size,
-                   help="tokens per chunk of the head + cross-entropy (0 = one chunk)")
+                   help="tokens per chunk of the fused head + cross-entropy (0 = one chunk); the only "
+                        "[tokens, vocab] tensors alive are one chunk's logits and softmax")
     g.add_argument("--attn-implementation", default=None, help="eager, sdpa, ...")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("evaluation, logging, checkpoints")

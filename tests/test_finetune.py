@@ -18,6 +18,7 @@ from hf_archs.finetune import (
     Finetune,
     FinetuneArgs,
     GlobalBatches,
+    LinearCrossEntropy,
     LossModel,
     QKClip,
     _lr_lambda,
@@ -27,7 +28,10 @@ from hf_archs.finetune import (
     collate,
     finetune,
     load_records,
+    optimizer_step,
     pack,
+    prepare_model,
+    recipe_accelerator,
     plot_losses,
     split_for_muon,
     synthetic_task,
@@ -163,6 +167,121 @@ def test_chunked_loss_equals_full_logits_and_stays_small():
     torch.testing.assert_close(model.lm_head.weight.grad, ref_grad, rtol=1e-4, atol=1e-7)
     # Rows of vocabulary-wide tensors alive at once: a chunk (8), never the 46 labelled positions or 48 tokens.
     assert Largest.largest <= 8, Largest.largest
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_linear_cross_entropy_equals_autograd(chunk, train_head):
+    """The fused head + loss against `F.cross_entropy` over full logits: loss, grad of the hidden states and (when
+    the head is trained) of its weight; several chunks and one."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=gen, dtype=torch.float64).float().requires_grad_()
+    weight = (torch.randn(300, 16, generator=gen) * 0.5).requires_grad_(train_head)
+    targets = torch.randint(0, 300, (37,), generator=gen)
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    ref_grads = torch.autograd.grad(ref * 0.3, [hidden, weight] if train_head else [hidden])
+    got = LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    got_grads = torch.autograd.grad(got * 0.3, [hidden, weight] if train_head else [hidden])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_linear_cross_entropy_exact_for_confident_wrong_predictions():
+    """A target whose probability underflows fp32 (loss ~ 1000) still gets its exact, finite loss."""
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    weight = torch.tensor([[1000.0, 0.0], [0.0, 0.0], [0.0, 3.0]])
+    targets = torch.tensor([1, 2])
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    got = LinearCrossEntropy.apply(hidden, weight, targets, 1)
+    assert torch.isfinite(got) and ref.item() > 999
+    torch.testing.assert_close(got, ref)
+    got.backward()
+    assert torch.isfinite(hidden.grad).all()
+
+
+def test_linear_cross_entropy_bf16_autocast_runs_the_matmuls_in_bf16():
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(20, 32, generator=gen).requires_grad_()
+    weight = torch.randn(100, 32, generator=gen) * 0.2
+    targets = torch.randint(0, 100, (20,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+        got = LinearCrossEntropy.apply(hidden, weight, targets, 8)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)  # both from the same bf16 logits
+    (g_ref,) = torch.autograd.grad(ref, hidden)
+    (g_got,) = torch.autograd.grad(got, hidden)
+    assert g_got.dtype == hidden.dtype
+    torch.testing.assert_close(g_got, g_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_loss_model_fuses_plain_heads_only():
+    lm = LossModel(small())
+    assert lm.fused_head()
+    if "gemma3" in hf_archs.ARCHITECTURES:  # soft-capped logits: through the module, in checkpointed chunks
+        assert not LossModel(tiny_model("gemma3", 512, seed=0)).fused_head()
+    peft_model = get_peft_model(small(), LoraConfig(r=2, target_modules=["lm_head"]))
+    assert not LossModel(causal_lm_of(peft_model)).fused_head()  # an adapted head is not a plain linear layer
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_loss_model_router_loss_follows_the_release_recipe(arch):
+    """The recipe's auxiliary loss is the model's own: the Switch loss (Qwen3-MoE) or DeepSeek's sequence-wise
+    balance loss (configs with seq_aux), from the same router logits."""
+    from hf_archs.balancing import sequence_balance_loss
+    from hf_archs.layers.moe import load_balancing_loss
+
+    model = tiny_model(arch, 512, seed=0, num_hidden_layers=4).train()
+    ids = torch.randint(3, 500, (2, 12))
+    _, _, aux = LossModel(model, router_aux_loss_coef=0.01).train()(ids, ids.clone())
+    logits = model(input_ids=ids, output_router_logits=True, use_cache=False).router_logits
+    assert len(logits) > 0
+    if getattr(model.config, "seq_aux", None) is not None:
+        expected = sequence_balance_loss(logits, model.config.num_experts_per_tok, 2, None, model.config.seq_aux)
+    else:
+        expected = load_balancing_loss(logits, model.num_routed_experts, model.config.num_experts_per_tok, None)
+    torch.testing.assert_close(aux, expected)
+    assert aux > 0
+
+
+def test_prepare_model_and_optimizer_step_are_the_recipe_step():
+    """`prepare_model` (bf16 base, fp32 adapters) and `optimizer_step` give what a hand-written step gives."""
+    args = FinetuneArgs(tiny="qwen3", train_file="x", lora_r=4, precision="bf16")
+    model, targets = prepare_model(small(), args)
+    assert targets["target_modules"]
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
+
+    args = FinetuneArgs(tiny="qwen3", train_file="x", lora_r=4, lr=1e-2)
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE
+    states = []
+    for by_hand in (False, True):
+        model, _ = prepare_model(small(), args)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        lm = LossModel(causal_lm_of(model)).train()
+        opts = build_optimizers(lm, "adamw", args.lr, 0.0)
+        if by_hand:
+            total, n, _ = lm(ids, labels)
+            (total / n).backward()
+            torch.nn.utils.clip_grad_norm_([p for p in lm.parameters() if p.requires_grad], 1.0)
+            opts[0].step()
+            loss = total / n
+        else:
+            acc = recipe_accelerator("fp32", cpu=True)
+            loss, n_global, grad_norm = optimizer_step(lm, opts, [{"input_ids": ids, "labels": labels}], acc)
+            assert int(n_global) == int((labels[:, 1:] != IGNORE).sum()) and grad_norm is not None
+            assert all(p.grad is None for p in lm.parameters())
+        states.append((float(loss), {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}))
+    assert states[0][0] == pytest.approx(states[1][0], rel=1e-6)
+    for n in states[0][1]:
+        torch.testing.assert_close(states[0][1][n], states[1][1][n], msg=n)
 
 
 def test_global_batches_are_the_same_for_any_world_size():
