@@ -343,8 +343,7 @@ def main() -> int:
     load = (f"load average (1 min) during the runs {min(loads):.1f}-{max(loads):.1f}, mean "
             f"{sum(loads) / len(loads):.1f}" if loads else f"load average at the end {info['load']}")
     lines = [f"# hf-archs convert on a {conv['bytes_written'] / 1e9:.2f} GB synthetic FP8 release (CPU)", "",
-             (f"{_dt.date.today()}; {info['cpu']}; {info['memory']} RAM; {load} (a shared machine: other jobs "
-              f"ran); Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}; "
+             (f"{_dt.date.today()}; {info['cpu']}; {info['memory']} RAM; {load}; Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}; "
               f"{info['os']}."), "",
              (f"Release: Qwen3 shape, {a.layers} layers, hidden {a.hidden}, intermediate {a.intermediate}, vocab "
               f"{a.vocab}; attention / MLP weights FP8 e4m3 with 128x128 block scales, embeddings and head bf16; "
