@@ -696,6 +696,48 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
+def add_timing_args(p: argparse.ArgumentParser, repeats: int, max_repeats: int, budget: float = 60.0) -> None:
+    """The timing options every benchmark here shares (the repeat rules of `rounds`, threads, clock, attention)."""
+    p.add_argument("--repeats", type=int, default=repeats, help="least timed repeats per measurement (the min is "
+                                                                "reported)")
+    p.add_argument("--max-repeats", type=int, default=max_repeats,
+                   help="upper bound on repeats while a best time is not reproduced or was measured under load")
+    p.add_argument("--stable", type=float, default=0.05, help="a minimum counts as reproduced when the second-best "
+                                                              "time is within this fraction of it")
+    p.add_argument("--budget", type=float, default=budget, help="seconds after which a measurement stops adding "
+                                                                "repeats beyond --repeats")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each measurement per model first")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's own choice, usually all cores)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed time; cpu: this process's CPU time (all threads), robust to other processes' "
+                        "load on a shared machine, best with --threads 1 (default: wall)")
+    p.add_argument("--attn", default="sdpa", help="attention implementation of every model")
+
+
+def render_saved(args: argparse.Namespace, markdown) -> bool:
+    """`--render JSON`: print (and write to `--out`) the table of a saved run; False when not asked to."""
+    if not args.render:
+        return False
+    results = json.loads(args.render.read_text())
+    table = markdown(results, argparse.Namespace(**{**vars(args), **results["args"]}))
+    if args.out:
+        args.out.write_text(table)
+    print(table)
+    return True
+
+
+def write_results(args: argparse.Namespace, results: dict[str, Any], table: str) -> None:
+    """Print the table; with `--out`, write it and the raw numbers beside it (.json)."""
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table)
+        json_path = args.out.with_suffix(".json") if args.out.suffix == ".md" else Path(str(args.out) + ".json")
+        json_path.write_text(json.dumps(results, indent=1, default=str))
+        log(f"wrote {args.out} and {json_path}")
+
+
 def parse_args(argv: list[str] | None = None, extend=None) -> argparse.Namespace:
     """The options; `extend(parser)` (other benchmarks: bench_moe.py) may add options and change the texts and
     defaults before parsing."""
@@ -713,20 +755,7 @@ def parse_args(argv: list[str] | None = None, extend=None) -> argparse.Namespace
                    help="list the cases, whether hf_archs registers each and whether it is dense, then exit")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES),
                    help="dtypes to time (parity is always checked in fp32 first)")
-    p.add_argument("--repeats", type=int, default=7, help="least timed repeats per measurement (the min is reported)")
-    p.add_argument("--max-repeats", type=int, default=25,
-                   help="upper bound on repeats while a best time is not reproduced or was measured under load")
-    p.add_argument("--stable", type=float, default=0.05, help="a minimum counts as reproduced when the second-best "
-                                                              "time is within this fraction of it")
-    p.add_argument("--budget", type=float, default=60.0, help="seconds after which a measurement stops adding "
-                                                               "repeats beyond --repeats")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each measurement per model first")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's own choice, usually all cores)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall: elapsed time; cpu: this process's CPU time (all threads), robust to other processes' "
-                        "load on a shared machine, best with --threads 1 (default: wall)")
-    p.add_argument("--attn", default="sdpa", help="attention implementation for both models")
+    add_timing_args(p, repeats=7, max_repeats=25)
     g = p.add_argument_group("shape")
     g.add_argument("--hidden", type=int, default=512, help="hidden_size")
     g.add_argument("--layers", type=int, default=4, help="raised to the case's own depth if fewer would drop a "
@@ -766,13 +795,7 @@ def parse_args(argv: list[str] | None = None, extend=None) -> argparse.Namespace
 def main(argv: list[str] | None = None) -> int:
     global clock
     args = parse_args(argv)
-    if args.render:
-        results = json.loads(args.render.read_text())
-        saved = argparse.Namespace(**{**vars(args), **results["args"]})
-        table = markdown(results, saved)
-        if args.out:
-            args.out.write_text(table)
-        print(table)
+    if render_saved(args, markdown):
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -877,14 +900,7 @@ def main(argv: list[str] | None = None) -> int:
             s.update(summarise(s["raw"], entry["work"], final, dtype))
     results["machine"]["loadavg_end"] = loadavg()
     results["wall_s"] = time.perf_counter() - T0
-    table = markdown(results, args)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-        json_path = args.out.with_suffix(".json") if args.out.suffix == ".md" else Path(str(args.out) + ".json")
-        json_path.write_text(json.dumps(results, indent=1, default=str))
-        log(f"wrote {args.out} and {json_path}")
+    write_results(args, results, markdown(results, args))
     if failed:
         log(f"FAILED: {failed}")
         return 1

@@ -555,18 +555,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "with the tiny shape (implies --tiny)")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                    help="default: fp32 bf16 on the CPU, bf16 on a GPU (parity is checked in fp32 first)")
-    p.add_argument("--repeats", type=int, default=5, help="least timed steps per side (the min is reported)")
-    p.add_argument("--max-repeats", type=int, default=12)
-    p.add_argument("--stable", type=float, default=0.05, help="a minimum counts as reproduced when the second-best "
-                                                              "time is within this fraction of it")
-    p.add_argument("--budget", type=float, default=60.0, help="seconds after which a dtype's timing stops adding "
-                                                               "steps beyond --repeats")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps of each side first")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall: elapsed time; cpu: this process's CPU time, robust to other processes' load on a "
-                        "shared machine, best with --threads 1 (CPU only)")
-    p.add_argument("--attn", default="sdpa", help="attention implementation for every side")
+    bd.add_timing_args(p, repeats=5, max_repeats=12)
     g = p.add_argument_group("shape (default: per --device, see SHAPES)")
     for k in ("hidden", "layers", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "batch", "seq"):
         g.add_argument(f"--{k.replace('_', '-')}", type=int, default=None)
@@ -626,12 +615,7 @@ def child_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.render:
-        results = json.loads(args.render.read_text())
-        table = markdown(results, argparse.Namespace(**{**vars(args), **results["args"]}))
-        if args.out:
-            args.out.write_text(table)
-        print(table)
+    if bd.render_saved(args, markdown):
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -753,13 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["loadavg_end"] = bd.loadavg()
     results["wall_s"] = time.perf_counter() - T0
     table = markdown(results, args)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-        json_path = args.out.with_suffix(".json") if args.out.suffix == ".md" else Path(str(args.out) + ".json")
-        json_path.write_text(json.dumps(results, indent=1, default=str))
-        log(f"wrote {args.out} and {json_path}")
+    bd.write_results(args, results, table)
     return 1 if failed else 0
 
 

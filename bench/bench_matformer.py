@@ -391,19 +391,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                        "2 rounds, small ceilings): a smoke test, not a measurement")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(bd.DTYPES),
                    help="dtypes to time (parity is always checked in fp32 first)")
-    p.add_argument("--repeats", type=int, default=5, help="least timed rounds per measurement (the min is reported)")
-    p.add_argument("--max-repeats", type=int, default=10, help="upper bound on rounds while a best time is not "
-                                                               "reproduced or was measured under load")
-    p.add_argument("--stable", type=float, default=0.05, help="a minimum counts as reproduced when the second-best "
-                                                              "time is within this fraction of it")
-    p.add_argument("--budget", type=float, default=60.0, help="seconds after which a measurement stops adding "
-                                                               "rounds beyond --repeats")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each measurement per model first")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall: elapsed time; cpu: this process's CPU time (all threads), robust to other processes' "
-                        "load, best with --threads 1 (default: wall)")
-    p.add_argument("--attn", default="sdpa", help="attention implementation of every model")
+    bd.add_timing_args(p, repeats=5, max_repeats=10)
     p.add_argument("--prefill-len", type=int, default=512, help="tokens of the timed prefill")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt before the timed decode steps")
     p.add_argument("--decode-steps", type=int, default=32, help="timed single-token decode steps")
@@ -425,25 +413,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write(results: dict[str, Any], args: argparse.Namespace) -> None:
-    table = markdown(results, args)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-        json_path = args.out.with_suffix(".json") if args.out.suffix == ".md" else Path(str(args.out) + ".json")
-        json_path.write_text(json.dumps(results, indent=1, default=str))
-        bd.log(f"wrote {args.out} and {json_path}")
+    bd.write_results(args, results, markdown(results, args))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.render:
-        results = json.loads(args.render.read_text())
-        saved = argparse.Namespace(**{**vars(args), **results["args"]})
-        table = markdown(results, saved)
-        if args.out:
-            args.out.write_text(table)
-        print(table)
+    if bd.render_saved(args, markdown):
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)

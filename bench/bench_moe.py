@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import sys
 import time
 import traceback
@@ -422,13 +421,7 @@ def extend_parser(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = bd.parse_args(argv, extend=extend_parser)
-    if args.render:
-        results = json.loads(args.render.read_text())
-        saved = argparse.Namespace(**{**vars(args), **results["args"]})
-        table = markdown(results, saved)
-        if args.out:
-            args.out.write_text(table)
-        print(table)
+    if bd.render_saved(args, markdown):
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -505,13 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"]["loadavg_end"] = bd.loadavg()
     table = markdown(results, args)
     results["wall_s"] = time.perf_counter() - bd.T0
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-        json_path = args.out.with_suffix(".json") if args.out.suffix == ".md" else Path(str(args.out) + ".json")
-        json_path.write_text(json.dumps(results, indent=1, default=str))
-        log(f"wrote {args.out} and {json_path}")
+    bd.write_results(args, results, table)
     log(f"total {time.perf_counter() - bd.T0:.0f} s")
     if failed:
         log(f"FAILED: {failed}")
