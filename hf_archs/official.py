@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 import logging
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 
 from .errors import CheckpointError
 from .modeling_base import HfaPreTrainedModel
-from .registry import Architecture, by_official_config, by_official_model_type
+from .registry import Architecture, by_official_config
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from cases import BY_NAME, Case
 from case_glm4_moe import OFFICIAL, reference as glm_reference, to_ours
 from helpers import max_rel_diff, ours_from, reference, tokens
 from hf_archs.layers.moe import Experts
-from hf_archs.models.glm4_moe.modeling_glm4_moe import SlotSumExperts, sigmoid_grouped_topk_in_slot_order
+from hf_archs.models.glm4_moe.modeling_glm4_moe import sigmoid_grouped_topk_in_slot_order
 
 CASE = BY_NAME["glm4_moe"]
 ARCH = hf_archs.ARCHITECTURES["glm4_moe"]
@@ -88,7 +88,7 @@ def test_router_rule_on_hand_made_logits():
 def test_slot_sum_experts_equal_a_plain_loop():
     # fp32 here; bf16 rounding is checked bit for bit against transformers by the contract suite.
     torch.manual_seed(0)
-    fused = SlotSumExperts(6, 16, 8)
+    fused = Experts(6, 16, 8, slot_sum=True)
     x = torch.randn(10, 16)
     idx = torch.stack([torch.randperm(6)[:3] for _ in range(10)])
     w = torch.rand(10, 3)

@@ -300,9 +300,7 @@ if LoraLayer is not None:
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
             out = self._project(base.glu(gate, up), "down_proj", counts, adapters).to(x.dtype)  # [T * k, H]
-            if top_k_weights is not None:
-                out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
-            return self._touch_all(torch.zeros_like(x).index_add_(0, token_of, out), adapters)
+            return self._touch_all(base.combine(out, x, top_k_weights, order, token_of), adapters)
 
         def __repr__(self) -> str:
             return "lora." + super().__repr__()

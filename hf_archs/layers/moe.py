@@ -95,14 +95,19 @@ class Experts(nn.Module):
     - `interleaved=False`: gate = first I columns, up = last I; `True`: gate = even, up = odd (gpt-oss).
     - `bias`: `gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, H].
     `glu(gate, up)` is the activation (`act_glu("silu")` = SwiGLU).
+    How a token's k weighted outputs are added (`combine`), which decides the bf16 bits:
+    - `slot_sum=False`: weights cast to the activations' dtype, outputs accumulated in it (index_add).
+    - `slot_sum=True`: `output * weight` kept in the weights' dtype (fp32 for DeepSeek-style fp32 routers), the k
+      slots summed in top-k order and rounded once: transformers' grouped_mm combine (DeepSeek V3, Kimi K2,
+      GLM-4.5, MiniMax-M2, Kimi Linear).
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, transposed: bool = False,
-                 interleaved: bool = False, bias: bool = False) -> None:
+                 interleaved: bool = False, bias: bool = False, slot_sum: bool = False) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
-        self.transposed, self.interleaved = transposed, interleaved
+        self.transposed, self.interleaved, self.slot_sum = transposed, interleaved, slot_sum
         self.glu = glu or act_glu("silu")
         e, h, i = num_experts, hidden_size, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, h, 2 * i) if transposed else torch.empty(e, 2 * i, h))
@@ -145,8 +150,20 @@ class Experts(nn.Module):
                 if n:
                     out[start:start + n] = self.expert_forward(routed[start:start + n], e).to(out.dtype)
                     start += n
-        if top_k_weights is not None:
-            out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
+        return self.combine(out, x, top_k_weights, order, token_of)
+
+    def combine(self, out: torch.Tensor, x: torch.Tensor, top_k_weights: torch.Tensor | None, order: torch.Tensor,
+                token_of: torch.Tensor) -> torch.Tensor:
+        """`out` [T * k, H]: the expert outputs of the assignments in expert order (`order`, the argsort of the
+        flat top-k indices; `token_of = order // k`). Returns each token's weighted sum [T, H] (see `slot_sum`)."""
+        if top_k_weights is None:
+            return torch.zeros_like(x).index_add_(0, token_of, out)
+        if self.slot_sum:
+            weighted = out * top_k_weights.reshape(-1)[order, None]  # promotes to the weights' dtype
+            unsorted = torch.empty_like(weighted)
+            unsorted[order] = weighted  # back to [token, slot] order
+            return unsorted.view(x.shape[0], top_k_weights.shape[-1], -1).sum(dim=1).to(x.dtype)
+        out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out)
 
     def grouped_mm_ok(self) -> bool:

@@ -57,30 +57,6 @@ def softmax_scale(config: HfaDeepseekV3Config) -> float:
     return scale
 
 
-class DeepseekV3Experts(Experts):
-    """Same as Experts except: each expert output times its (fp32) routing weight stays in fp32, and a token's k
-    contributions are summed in fp32 and rounded once (transformers' `grouped_mm` experts, its default, do this;
-    bf16 outputs then match bit for bit)."""
-
-    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        tokens, k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        routed = x[order // k]  # [T * k, H], contiguous per expert
-        out = self.grouped_or_none(routed, counts, flat[order])
-        if out is None:
-            out, start = torch.empty_like(routed), 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    out[start:start + n] = self.expert_forward(routed[start:start + n], e).to(out.dtype)
-                    start += n
-        weighted = out * top_k_weights.reshape(-1)[order, None]  # promotes to the weights' dtype (fp32)
-        unsorted = torch.empty_like(weighted)
-        unsorted[order] = weighted
-        return unsorted.view(tokens, k, -1).sum(dim=1).to(x.dtype)
-
-
 class DeepseekV3MoE(nn.Module):
     """Routed experts plus the shared experts, both on the same input."""
 
@@ -91,8 +67,8 @@ class DeepseekV3MoE(nn.Module):
             sigmoid_grouped_topk, top_k=c.num_experts_per_tok, n_group=c.n_group, topk_group=c.topk_group,
             norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor),
             correction_bias=True, fp32=True)
-        self.experts = DeepseekV3Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
-                                         glu=act_glu(c.hidden_act))
+        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
+                               glu=act_glu(c.hidden_act), slot_sum=True)
         self.shared_experts = (GatedMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, act=c.hidden_act)
                                if c.n_shared_experts else None)
 

@@ -43,7 +43,7 @@ def sigmoid_grouped_topk_in_slot_order(logits: torch.Tensor, top_k: int, correct
                                        routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Same as layers.moe.sigmoid_grouped_topk except: the k chosen experts come in `torch.topk(sorted=False)`
     order, as transformers' GLM-4.5 / MiniMax-M2 routers return them. The order reaches bf16 outputs: the k
-    weights are normalised by their fp32 sum, and `SlotSumExperts` adds the k expert outputs in slot order."""
+    weights are normalised by their fp32 sum, and the experts add the k outputs in slot order (`Experts(slot_sum=True)`)."""
     scores = logits.float().sigmoid()  # [tokens, experts]
     choice = scores if correction_bias is None else scores + correction_bias.float()
     if n_group > 1:
@@ -59,30 +59,6 @@ def sigmoid_grouped_topk_in_slot_order(logits: torch.Tensor, top_k: int, correct
     return weights * routed_scaling_factor, indices
 
 
-class SlotSumExperts(Experts):
-    """Same as Experts except: each token's k weighted expert outputs are summed in top-k slot order, in the dtype
-    of `output * weight` (fp32 with fp32 routing weights), and rounded to the activations' dtype once. This is
-    transformers' grouped_mm combine; in bf16, accumulating into a bf16 buffer (as `Experts` does) rounds
-    differently once the router's weights are fp32 (DeepSeek-style routers) or k > 2."""
-
-    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        tokens, k = top_k_index.shape
-        flat = top_k_index.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        routed = x[order // k]  # [T * k, H], contiguous per expert
-        out = self.grouped_or_none(routed, counts, flat[order])
-        if out is None:
-            out, start = torch.empty_like(routed), 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    out[start:start + n] = self.expert_forward(routed[start:start + n], e).to(out.dtype)
-                    start += n
-        weighted = out * top_k_weights.reshape(-1)[order, None]  # promotes to the weights' dtype
-        weighted = weighted[torch.argsort(order)]  # back to [token, slot] order
-        return weighted.view(tokens, k, -1).sum(dim=1).to(x.dtype)
-
-
 class Glm4MoeSparseBlock(nn.Module):
     def __init__(self, config: HfaGlm4MoeConfig) -> None:
         super().__init__()
@@ -91,8 +67,8 @@ class Glm4MoeSparseBlock(nn.Module):
             sigmoid_grouped_topk_in_slot_order, top_k=c.num_experts_per_tok, n_group=c.n_group,
             topk_group=c.topk_group, norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor),
             correction_bias=True, fp32=True)
-        self.experts = SlotSumExperts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
-                                      glu=act_glu(c.hidden_act))
+        self.experts = Experts(c.n_routed_experts, c.hidden_size, c.moe_intermediate_size,
+                               glu=act_glu(c.hidden_act), slot_sum=True)
         self.shared_experts = GatedMLP(c.hidden_size, c.moe_intermediate_size * c.n_shared_experts, act=c.hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -190,4 +166,4 @@ class HfaGlm4MoeForCausalLM(HfaGlm4MoePreTrainedModel, MultiTokenPrediction, MoE
 
 
 __all__ = ["Glm4MoeDecoderLayer", "Glm4MoeMTPLayer", "HfaGlm4MoeForCausalLM", "HfaGlm4MoeModel", "HfaGlm4MoePreTrainedModel",
-           "SlotSumExperts", "sigmoid_grouped_topk_in_slot_order"]
+           "sigmoid_grouped_topk_in_slot_order"]

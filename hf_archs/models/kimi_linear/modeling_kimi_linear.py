@@ -29,13 +29,12 @@ from transformers.utils.output_capturing import OutputRecorder
 from ...layers import GatedMLP, RMSNorm
 from ...layers.kda import KimiDeltaAttention
 from ...layers.mla import MultiHeadLatentAttention
-from ...layers.moe import TopKRouter, act_glu, sigmoid_grouped_topk
+from ...layers.moe import Experts, TopKRouter, act_glu, sigmoid_grouped_topk
 from ...modeling_base import (
     HfaPreTrainedModel,
     MoECausalLM,
     MoEDecoderModel,
 )
-from ..deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts
 from .configuration_kimi_linear import HfaKimiLinearConfig
 
 
@@ -64,8 +63,8 @@ class KimiSparseMoeBlock(nn.Module):
             norm_topk_prob=c.moe_renormalize, routed_scaling_factor=c.routed_scaling_factor),
             correction_bias=True, fp32=True)
         # transformers' KimiLinearExperts is DeepSeek V3's (fp32 weighting and sum, one rounding)
-        self.experts = DeepseekV3Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size,
-                                         glu=act_glu(c.hidden_act))
+        self.experts = Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size,
+                               glu=act_glu(c.hidden_act), slot_sum=True)
         self.shared_experts = GatedMLP(c.hidden_size, c.moe_intermediate_size * c.num_shared_experts,
                                        act=c.hidden_act) if c.num_shared_experts else None
 

@@ -28,9 +28,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils.output_capturing import OutputRecorder
 
 from ...layers import Attention, RMSNorm
-from ...layers.moe import TopKRouter, act_glu
+from ...layers.moe import Experts, TopKRouter, act_glu
 from ...modeling_base import HfaPreTrainedModel, MoECausalLM, MoEDecoderModel
-from ..glm4_moe.modeling_glm4_moe import SlotSumExperts, sigmoid_grouped_topk_in_slot_order
+from ..glm4_moe.modeling_glm4_moe import sigmoid_grouped_topk_in_slot_order
 from .configuration_minimax_m2 import HfaMiniMaxM2Config
 
 
@@ -51,8 +51,8 @@ class MiniMaxM2SparseBlock(nn.Module):
         c = config
         self.gate = BlockBiasRouter(c.hidden_size, c.num_local_experts, functools.partial(
             sigmoid_grouped_topk_in_slot_order, top_k=c.num_experts_per_tok))
-        self.experts = SlotSumExperts(c.num_local_experts, c.hidden_size, c.intermediate_size,
-                                      glu=act_glu(c.hidden_act))
+        self.experts = Experts(c.num_local_experts, c.hidden_size, c.intermediate_size,
+                               glu=act_glu(c.hidden_act), slot_sum=True)
         if c.use_routing_bias:
             self.e_score_correction_bias = nn.Buffer(torch.zeros(c.num_local_experts, dtype=torch.float32))
         else:
