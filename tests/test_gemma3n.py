@@ -235,3 +235,20 @@ def test_tiny_case_has_every_layer_feature():
     assert len(set(cfg.intermediate_size)) > 1
     assert cfg.vocab_size_per_layer_input < cfg.vocab_size
     assert cfg.rope_parameters["sliding_attention"]["rope_theta"] != cfg.rope_parameters["full_attention"]["rope_theta"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_give_the_reference_runtime_bits(dtype):
+    """Gemma 3n's norms (torch's fused kernel on the CPU) equal the written-out `x * pow(ms + eps, -0.5)` form."""
+    from hf_archs.models.gemma3n.modeling_gemma3n import Gemma3nRMSNorm, _unit_rms_norm
+
+    torch.manual_seed(0)
+    norm = Gemma3nRMSNorm(256, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(256) * 0.5 + 1.0)
+    norm.to(dtype)
+    for scale in (1e-3, 1.0, 40.0):
+        x = (torch.randn(3, 7, 256) * scale).to(dtype)
+        h = x.float() * torch.pow(x.float().pow(2).mean(-1, keepdim=True) + 1e-6, -0.5)
+        assert torch.equal(norm(x), (h * norm.weight.float()).to(dtype))
+        assert torch.equal(_unit_rms_norm(x, 1e-6), h.to(dtype))
