@@ -592,6 +592,13 @@ def summarise(raw: dict[str, Any], work: dict[str, Any], ceilings: dict[str, Any
     return s
 
 
+def load_line(shares: list[float]) -> str:
+    """The table-header line on other processes' share of the CPUs during the timed runs."""
+    return (f"- Load from other processes during the {len(shares)} timed runs: median {statistics.median(shares):.0%} "
+            f"of the CPUs, max {max(shares):.0%}; {sum(x <= QUIET for x in shares) / len(shares):.0%} of runs quiet "
+            f"(<= {QUIET:.0%}).")
+
+
 def _star(entry: dict[str, Any]) -> str:
     return "" if entry["trusted"] else "*"
 
@@ -636,9 +643,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace, title: str = "de
               for who in ("transformers", "ours") for phase in ("prefill", "decode")
               for x in s["raw"][who][f"{phase}_others_cpu_share"]]
     if shares:
-        lines.append(f"- Load from other processes during the {len(shares)} timed runs: median "
-                     f"{statistics.median(shares):.0%} of the CPUs, max {max(shares):.0%}; "
-                     f"{sum(x <= QUIET for x in shares) / len(shares):.0%} of runs quiet (<= {QUIET:.0%}).")
+        lines.append(load_line(shares))
     if args.note:
         lines.append(f"- Note: {args.note}")
     lines += [
@@ -725,6 +730,20 @@ def render_saved(args: argparse.Namespace, markdown) -> bool:
         args.out.write_text(table)
     print(table)
     return True
+
+
+def finish_ceilings(results: dict[str, Any], ceiling_runs: dict[str, list], args: argparse.Namespace) -> None:
+    """Measure the ceilings once more, keep the best of all their runs, and fill in every timed entry's roofline
+    fractions and the end-of-run load."""
+    log("measuring ceilings again (the best of all their runs is used)")
+    for k, runs in measure_ceilings(args).items():
+        ceiling_runs[k] += runs
+    results["ceilings"] = final = ceilings(ceiling_runs, args)
+    log_ceilings(final, args)
+    for entry in results["archs"].values():
+        for dtype, s in entry.get("dtypes", {}).items():
+            s.update(summarise(s["raw"], entry["work"], final, dtype))
+    results["machine"]["loadavg_end"] = loadavg()
 
 
 def write_results(args: argparse.Namespace, results: dict[str, Any], table: str) -> None:
@@ -890,15 +909,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["error"] = msg
             failed.append(name)
 
-    log("measuring ceilings again (the best of all their runs is used)")
-    for k, runs in measure_ceilings(args).items():
-        ceiling_runs[k] += runs
-    results["ceilings"] = final = ceilings(ceiling_runs, args)
-    log_ceilings(final, args)
-    for entry in results["archs"].values():
-        for dtype, s in entry.get("dtypes", {}).items():
-            s.update(summarise(s["raw"], entry["work"], final, dtype))
-    results["machine"]["loadavg_end"] = loadavg()
+    finish_ceilings(results, ceiling_runs, args)
     results["wall_s"] = time.perf_counter() - T0
     write_results(args, results, markdown(results, args))
     if failed:

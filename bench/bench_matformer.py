@@ -288,9 +288,7 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
     shares = [x for s in r.get("dtypes", {}).values() for who in ("full", "cut") for ph in ("prefill", "decode")
               for x in s["raw"][who][f"{ph}_others_cpu_share"]]
     if shares:
-        lines.append(f"- Load from other processes during the {len(shares)} timed runs: median "
-                     f"{statistics.median(shares):.0%} of the CPUs, max {max(shares):.0%}; "
-                     f"{sum(x <= bd.QUIET for x in shares) / len(shares):.0%} of runs quiet (<= {bd.QUIET:.0%}).")
+        lines.append(bd.load_line(shares))
     if args.note:
         lines.append(f"- Note: {args.note}")
     fc = r.get("full_config")

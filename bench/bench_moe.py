@@ -487,15 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         if any("error" in c for c in results["mla"].get("contexts", {}).values()):
             failed.append("mla parity")
 
-    log("measuring ceilings again (the best of all their runs is used)")
-    for k, runs in bd.measure_ceilings(args).items():
-        ceiling_runs[k] += runs
-    results["ceilings"] = final = bd.ceilings(ceiling_runs, args)
-    bd.log_ceilings(final, args)
-    for entry in results["archs"].values():
-        for dtype, s in entry.get("dtypes", {}).items():
-            s.update(bd.summarise(s["raw"], entry["work"], final, dtype))
-    results["machine"]["loadavg_end"] = bd.loadavg()
+    bd.finish_ceilings(results, ceiling_runs, args)
     table = markdown(results, args)
     results["wall_s"] = time.perf_counter() - bd.T0
     bd.write_results(args, results, table)

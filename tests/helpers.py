@@ -81,3 +81,43 @@ def matformer_cut_state(state: dict[str, torch.Tensor], kept: list[int], widths:
         else:
             out[key] = v.clone()
     return out
+
+
+def assert_bias_updates_balance(model: torch.nn.Module, bias_owners: list, forward, steps: int = 40,
+                                rate: float = 0.02) -> None:
+    """Skew every correction bias toward the first experts, run aux-loss-free balancing steps
+    (`hf_archs.balancing`), and check the load moved toward balance with only the biases changed.
+    `bias_owners`: the modules holding `e_score_correction_bias` (routers or MoE blocks); `forward()` runs the
+    model once on fixed inputs."""
+    from hf_archs.balancing import ExpertLoadTracker, update_correction_bias
+
+    with torch.no_grad():
+        for owner in bias_owners:
+            owner.e_score_correction_bias.copy_(torch.linspace(0.6, 0.0, owner.e_score_correction_bias.numel()))
+    weights_before = {k: v.clone() for k, v in model.named_parameters()}
+    tracker = ExpertLoadTracker(model)
+    assert len(tracker.routers) == len(bias_owners)
+
+    def imbalance() -> float:
+        tracker.reset()
+        with torch.no_grad():
+            forward()
+        return max(tracker.imbalance().values())
+
+    first = imbalance()
+    loads = update_correction_bias(tracker, rate=rate, reset=False)
+    assert all(int(v.sum()) > 0 for v in loads.values())
+    for _ in range(steps):
+        imbalance()
+        update_correction_bias(tracker, rate=rate)
+    last = imbalance()
+    assert first > 2.0 and last < 0.6 * first, (first, last)
+    # only the biases moved; the overloaded expert 0 had its bias lowered
+    assert all(torch.equal(v, weights_before[k]) for k, v in model.named_parameters())
+    assert all(owner.e_score_correction_bias[0] < 0.6 for owner in bias_owners)
+    tracker.remove()
+    tracker.reset()
+    with torch.no_grad():
+        forward()
+    assert all(int(c.sum()) == 0 for c in tracker.counts.values())  # hooks removed
+

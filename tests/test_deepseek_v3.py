@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 from cases import BY_NAME
-from helpers import ours_from, randomize, reference, tokens
+from helpers import assert_bias_updates_balance, ours_from, randomize, reference, tokens
 
 import hf_archs
-from hf_archs.balancing import ExpertLoadTracker, update_correction_bias
+from hf_archs.balancing import ExpertLoadTracker
 from hf_archs.layers.moe import TopKRouter
 from hf_archs.models.deepseek_v3 import HfaDeepseekV3Config
 from hf_archs.models.deepseek_v3.modeling_deepseek_v3 import softmax_scale
@@ -92,37 +92,9 @@ def test_mtp_layer_keys_are_the_release_keys():
 def test_bias_update_moves_expert_load_toward_balance():
     case = BY_NAME["deepseek_v3"]
     model = ours_from(case, reference(case)).train()
-    routers = [m for m in model.modules() if isinstance(m, TopKRouter)]
-    with torch.no_grad():
-        for r in routers:  # skew every router toward its first experts
-            r.e_score_correction_bias.copy_(torch.linspace(0.6, 0.0, r.num_experts))
-    weights_before = {k: v.clone() for k, v in model.named_parameters()}
-    tracker = ExpertLoadTracker(model)
-    assert len(tracker.routers) == len(routers)  # main MoE layers and the MTP layer's
+    routers = [m for m in model.modules() if isinstance(m, TopKRouter)]  # main MoE layers and the MTP layer's
     ids = tokens(case, batch=4, seed=5)
-
-    def imbalance() -> float:
-        tracker.reset()
-        with torch.no_grad():
-            model(ids, labels=ids)
-        return max(tracker.imbalance().values())
-
-    first = imbalance()
-    loads = update_correction_bias(tracker, rate=0.02, reset=False)
-    assert all(int(v.sum()) > 0 for v in loads.values())
-    for _ in range(40):
-        imbalance()
-        update_correction_bias(tracker, rate=0.02)
-    last = imbalance()
-    assert first > 2.0 and last < 0.6 * first, (first, last)
-    # only the biases moved; the overloaded expert 0 had its bias lowered
-    assert all(torch.equal(v, weights_before[k]) for k, v in model.named_parameters())
-    assert all(r.e_score_correction_bias[0] < 0.6 for r in routers)
-    tracker.remove()
-    tracker.reset()
-    with torch.no_grad():
-        model(ids)
-    assert all(int(c.sum()) == 0 for c in tracker.counts.values())  # hooks removed
+    assert_bias_updates_balance(model, routers, lambda: model(ids, labels=ids))
 
 
 def test_expert_load_statistics_count_every_routed_token():

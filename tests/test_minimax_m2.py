@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import hf_archs
 from cases import BY_NAME
-from helpers import ours_from, reference
+from helpers import assert_bias_updates_balance, ours_from, reference
 
 CASE = BY_NAME["minimax_m2"]
 ARCH = hf_archs.ARCHITECTURES["minimax_m2"]
@@ -105,30 +105,7 @@ def test_release_and_saved_layouts_keep_block_sparse_moe(tmp_path):
 def test_bias_update_reaches_the_block_level_bias():
     """MiniMax-M2 keeps `e_score_correction_bias` on `block_sparse_moe`, beside its router: the aux-loss-free
     balancing step must find it there and move the load toward balance (nothing else changes)."""
-    from hf_archs.balancing import ExpertLoadTracker, update_correction_bias
-
     model = ours_from(CASE, reference(CASE)).train()
     blocks = [layer.block_sparse_moe for layer in model.model.layers]
-    with torch.no_grad():
-        for block in blocks:  # skew every router toward its first experts
-            block.e_score_correction_bias.copy_(torch.linspace(0.6, 0.0, block.gate.num_experts))
-    weights_before = {k: v.clone() for k, v in model.named_parameters()}
-    tracker = ExpertLoadTracker(model)
-    assert sorted(tracker.routers) == sorted(f"model.layers.{i}.block_sparse_moe.gate" for i in range(len(blocks)))
     ids = torch.randint(3, CASE.official["vocab_size"], (4, 24), generator=torch.Generator().manual_seed(5))
-
-    def imbalance() -> float:
-        tracker.reset()
-        with torch.no_grad():
-            model(ids)
-        return max(tracker.imbalance().values())
-
-    first = imbalance()
-    for _ in range(40):
-        imbalance()
-        update_correction_bias(tracker, rate=0.02)
-    last = imbalance()
-    assert first > 2.0 and last < 0.6 * first, (first, last)
-    assert all(torch.equal(v, weights_before[k]) for k, v in model.named_parameters())
-    assert all(block.e_score_correction_bias[0] < 0.6 for block in blocks)  # the overloaded expert 0 went down
-    tracker.remove()
+    assert_bias_updates_balance(model, blocks, lambda: model(ids))
