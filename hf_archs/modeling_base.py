@@ -131,7 +131,7 @@ class DecoderModel(HfaPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = self.make_embedding(config)
-        self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(self.make_layers(config))
         self.norm = self.make_norm(config)
         self.rotary_emb = nn.ModuleDict(
             {name: self.make_rotary(config, params) for name, params in config.rope_variants().items()})
@@ -140,6 +140,10 @@ class DecoderModel(HfaPreTrainedModel):
         self._layer_types = list(config.layer_types)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def make_layers(self, config) -> list[nn.Module]:
+        """The decoder layers; a release may keep more after them (MTP layers), which `forward` does not run."""
+        return [self.layer_class(config, i) for i in range(config.num_hidden_layers)]
 
     def make_embedding(self, config) -> nn.Module:
         return nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -190,9 +194,10 @@ class DecoderModel(HfaPreTrainedModel):
         attention_fn = attention_function(self.config._attn_implementation)
 
         hidden_states = inputs_embeds
-        for i, layer in enumerate(self.layers):
+        # zip stops at the decoder layers: MTP layers a release keeps after them (`make_layers`) do not run here
+        for i, (layer, kind) in enumerate(zip(self.layers, layer_types)):
             hidden_states = layer(hidden_states, position_embeddings=rope.get(rope_of(i)),
-                                  attention_mask=masks[layer_types[i]], cache=cache, attention_fn=attention_fn,
+                                  attention_mask=masks[kind], cache=cache, attention_fn=attention_fn,
                                   position_ids=position_ids, **kwargs)
         return self.output_class(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
 

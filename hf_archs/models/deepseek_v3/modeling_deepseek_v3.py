@@ -20,27 +20,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder
 
-from ...errors import InputError
-from ...layers import GatedMLP, RMSNorm, RotaryEmbedding, attention_function
+from ...layers import GatedMLP, RMSNorm, RotaryEmbedding
 from ...layers.mla import MultiHeadLatentAttention
 from ...layers.moe import Experts, TopKRouter, act_glu, sigmoid_grouped_topk
 from ...modeling_base import (
-    MASK_FUNCTIONS,
-    DecoderModel,
     HfaPreTrainedModel,
     MoECausalLM,
     MoEDecoderModel,
-    check_input_ids,
 )
 from ...mtp import MTPLayer, MultiTokenPrediction
 from .configuration_deepseek_v3 import HfaDeepseekV3Config
@@ -153,61 +145,15 @@ class HfaDeepseekV3Model(HfaDeepseekV3PreTrainedModel, MoEDecoderModel):
     layer_class = DeepseekV3DecoderLayer
     mtp_layer_class = DeepseekV3MTPLayer
 
-    def __init__(self, config: HfaDeepseekV3Config) -> None:
-        # Same as DecoderModel.__init__ except: `layers` continues with the MTP layers (the release's layout).
-        super(DecoderModel, self).__init__(config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = self.make_embedding(config)
+    def make_layers(self, config) -> list[nn.Module]:
+        # The release's layout: the MTP layers continue `layers` after the decoder layers.
         n = config.num_hidden_layers
-        self.layers = nn.ModuleList([*(self.layer_class(config, i) for i in range(n)),
-                                     *(self.mtp_layer_class(config, n + k)
-                                       for k in range(config.num_nextn_predict_layers))])
-        self.norm = self.make_norm(config)
-        self.rotary_emb = nn.ModuleDict(
-            {name: self.make_rotary(config, params) for name, params in config.rope_variants().items()})
-        self.gradient_checkpointing = False
-        self.post_init()
+        return [*super().make_layers(config), *(self.mtp_layer_class(config, n + k)
+                                                for k in range(config.num_nextn_predict_layers))]
 
     def make_rotary(self, config, rope_parameters: dict) -> RotaryEmbedding:
         # Rotate-half cos/sin over the RoPE part of each head; MLA de-interleaves q_rot / k_rot before applying them.
         return RotaryEmbedding(config.qk_rope_head_dim, rope_parameters)
-
-    @merge_with_config_defaults
-    @capture_outputs
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
-                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, **kwargs: Any):
-        # Same as DecoderModel.forward except: runs only the first num_hidden_layers (the rest are MTP layers).
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InputError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.shape[1] == 0:
-            raise InputError("inputs_embeds is empty: at least one position is needed")
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
-
-        layer_types = self.config.layer_types
-        masks = attention_mask if isinstance(attention_mask, dict) else {
-            kind: MASK_FUNCTIONS[kind](config=self.config, inputs_embeds=inputs_embeds,
-                                       attention_mask=attention_mask, cache=cache, position_ids=position_ids)
-            for kind in set(layer_types)}
-        rope = {name: emb(inputs_embeds, position_ids) for name, emb in self.rotary_emb.items()}
-        rope_of = self.config.rope_variant_of_layer
-        attention_fn = attention_function(self.config._attn_implementation)
-
-        hidden_states = inputs_embeds
-        for i, layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            hidden_states = layer(hidden_states, position_embeddings=rope.get(rope_of(i)),
-                                  attention_mask=masks[layer_types[i]], cache=cache, attention_fn=attention_fn,
-                                  position_ids=position_ids, **kwargs)
-        return self.output_class(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
 
 
 class HfaDeepseekV3ForCausalLM(HfaDeepseekV3PreTrainedModel, MultiTokenPrediction, MoECausalLM):

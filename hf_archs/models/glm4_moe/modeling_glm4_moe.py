@@ -20,20 +20,15 @@ https://github.com/huggingface/transformers/blob/main/src/transformers/models/gl
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder
 
-from ...errors import InputError
-from ...layers import Attention, GatedMLP, RMSNorm, attention_function
+from ...layers import Attention, GatedMLP, RMSNorm
 from ...layers.moe import Experts, TopKRouter, act_glu
-from ...modeling_base import MASK_FUNCTIONS, HfaPreTrainedModel, MoECausalLM, MoEDecoderModel, check_input_ids
+from ...modeling_base import HfaPreTrainedModel, MoECausalLM, MoEDecoderModel
 from ...mtp import MTPLayer, MultiTokenPrediction
 from .configuration_glm4_moe import HfaGlm4MoeConfig
 
@@ -122,43 +117,11 @@ class HfaGlm4MoePreTrainedModel(HfaPreTrainedModel):
 class HfaGlm4MoeModel(HfaGlm4MoePreTrainedModel, MoEDecoderModel):
     layer_class = Glm4MoeDecoderLayer
 
-    def __init__(self, config: HfaGlm4MoeConfig) -> None:
-        # Same as DecoderModel.__init__ except: `layers` continues with the MTP layers (the release's layout).
-        super().__init__(config)
+    def make_layers(self, config) -> list[nn.Module]:
+        # The release's layout: the MTP layers continue `layers` after the decoder layers.
         n = config.num_hidden_layers
-        self.layers.extend(Glm4MoeMTPLayer(config, n + k) for k in range(config.num_nextn_predict_layers))
-        self.post_init()  # initialises the MTP layers like the others
-
-    @merge_with_config_defaults
-    @capture_outputs
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
-                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None, **kwargs: Any):
-        # Same as DecoderModel.forward except: runs only the first num_hidden_layers (the rest are MTP layers).
-        if (input_ids is None) == (inputs_embeds is None):
-            raise InputError("pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            check_input_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
-        elif inputs_embeds.shape[1] == 0:
-            raise InputError("inputs_embeds is empty: at least one position is needed")
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
-        masks = attention_mask if isinstance(attention_mask, dict) else {
-            "full_attention": MASK_FUNCTIONS["full_attention"](
-                config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=cache,
-                position_ids=position_ids)}
-        rope = self.rotary_emb["default"](inputs_embeds, position_ids)
-        attention_fn = attention_function(self.config._attn_implementation)
-        hidden_states = inputs_embeds
-        for layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = layer(hidden_states, position_embeddings=rope, attention_mask=masks["full_attention"],
-                                  cache=cache, attention_fn=attention_fn, position_ids=position_ids, **kwargs)
-        return self.output_class(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
+        return [*super().make_layers(config), *(Glm4MoeMTPLayer(config, n + k)
+                                                for k in range(config.num_nextn_predict_layers))]
 
 
 class HfaGlm4MoeForCausalLM(HfaGlm4MoePreTrainedModel, MultiTokenPrediction, MoECausalLM):
