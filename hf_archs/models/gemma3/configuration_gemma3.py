@@ -106,25 +106,31 @@ class HfaGemma3Config(DecoderConfigMixin, PreTrainedConfig):
         """
         if self.rope_parameters is None and not any(k in kwargs for k in _LEGACY_ROPE_KEYS):
             self.rope_parameters = _DEFAULT_ROPE
-        self.rope_parameters = copy.deepcopy(self.rope_parameters)  # filled in below; never the caller's dict
-        rope_scaling = kwargs.pop("rope_scaling", None)
-        if self.rope_parameters is None:
-            self.rope_parameters = {"sliding_attention": {"rope_type": "default"},
-                                    "full_attention": {"rope_type": "default"}}
-        elif not self._rope_nested():
-            raise ConfigError("rope_parameters must be keyed by layer type ({'full_attention': {...}, "
-                              f"'sliding_attention': {{...}}}}), got {self.rope_parameters!r}")
-        if self.rope_parameters.get("full_attention") is None:
-            self.rope_parameters["full_attention"] = {"rope_type": "default"}
-        if rope_scaling is not None:  # the legacy scaling applies to the global layers only
-            self.rope_parameters["full_attention"].update(rope_scaling)
-        self.rope_parameters["full_attention"].setdefault("rope_theta", kwargs.pop("rope_theta", 1_000_000.0))
-        if self.rope_parameters.get("sliding_attention") is None:
-            self.rope_parameters["sliding_attention"] = {"rope_type": "default"}
-        self.rope_parameters["sliding_attention"].setdefault(
-            "rope_theta", kwargs.pop("rope_local_base_freq", 10_000.0))
-        self.standardize_rope_params()
-        return kwargs
+        return sliding_global_rope_parameters(self, kwargs)
 
 
-__all__ = ["HfaGemma3Config"]
+def sliding_global_rope_parameters(config, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`config.rope_parameters` keyed by layer type (a copy: never the caller's dict) for Gemma's sliding / global
+    layers: "default" RoPE where a type has none, the legacy `rope_scaling` on the global layers, `rope_theta` /
+    `rope_local_base_freq` as their thetas; a flat (not per-layer-type) dict is refused. Returns the kwargs left."""
+    config.rope_parameters = copy.deepcopy(config.rope_parameters)
+    rope_scaling = kwargs.pop("rope_scaling", None)
+    if config.rope_parameters is None:
+        config.rope_parameters = {"sliding_attention": {"rope_type": "default"},
+                                  "full_attention": {"rope_type": "default"}}
+    elif not config._rope_nested():
+        raise ConfigError("rope_parameters must be keyed by layer type ({'full_attention': {...}, "
+                          f"'sliding_attention': {{...}}}}), got {config.rope_parameters!r}")
+    if config.rope_parameters.get("full_attention") is None:
+        config.rope_parameters["full_attention"] = {"rope_type": "default"}
+    if rope_scaling is not None:  # the legacy scaling applies to the global layers only
+        config.rope_parameters["full_attention"].update(rope_scaling)
+    config.rope_parameters["full_attention"].setdefault("rope_theta", kwargs.pop("rope_theta", 1_000_000.0))
+    if config.rope_parameters.get("sliding_attention") is None:
+        config.rope_parameters["sliding_attention"] = {"rope_type": "default"}
+    config.rope_parameters["sliding_attention"].setdefault(
+        "rope_theta", kwargs.pop("rope_local_base_freq", 10_000.0))
+    config.standardize_rope_params()
+    return kwargs
+
+__all__ = ["HfaGemma3Config", "sliding_global_rope_parameters"]

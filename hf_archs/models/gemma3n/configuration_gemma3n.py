@@ -18,7 +18,6 @@ and keys are RMS-normalised), and they are kept as extra attributes, as transfor
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -26,6 +25,7 @@ from transformers import PreTrainedConfig
 
 from ...configuration_base import DecoderConfigMixin
 from ...errors import ConfigError
+from ..gemma3.configuration_gemma3 import sliding_global_rope_parameters
 
 _LEGACY_ROPE_KEYS = ("rope_theta", "rope_local_base_freq", "rope_scaling")
 
@@ -158,25 +158,6 @@ class HfaGemma3nConfig(DecoderConfigMixin, PreTrainedConfig):
         Same as `Gemma3nTextConfig.convert_rope_params_to_dict` except: a flat (not per-layer-type)
         `rope_parameters` is refused, and the caller's dict is never modified.
         """
-        rope_scaling = kwargs.pop("rope_scaling", None)
-        self.rope_parameters = copy.deepcopy(self.rope_parameters)
-        if self.rope_parameters is None:
-            self.rope_parameters = {"sliding_attention": {"rope_type": "default"},
-                                    "full_attention": {"rope_type": "default"}}
-        elif not self._rope_nested():
-            raise ConfigError("rope_parameters must be keyed by layer type ({'full_attention': {...}, "
-                              f"'sliding_attention': {{...}}}}), got {self.rope_parameters!r}")
-        if self.rope_parameters.get("full_attention") is None:
-            self.rope_parameters["full_attention"] = {"rope_type": "default"}
-        if rope_scaling is not None:  # the legacy scaling applies to the full layers only
-            self.rope_parameters["full_attention"].update(rope_scaling)
-        self.rope_parameters["full_attention"].setdefault("rope_theta", kwargs.pop("rope_theta", 1_000_000.0))
-        if self.rope_parameters.get("sliding_attention") is None:
-            self.rope_parameters["sliding_attention"] = {"rope_type": "default"}
-        self.rope_parameters["sliding_attention"].setdefault(
-            "rope_theta", kwargs.pop("rope_local_base_freq", 10_000.0))
-        self.standardize_rope_params()
-        return kwargs
-
+        return sliding_global_rope_parameters(self, kwargs)
 
 __all__ = ["HfaGemma3nConfig"]
