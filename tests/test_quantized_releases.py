@@ -111,8 +111,6 @@ K2_THINKING_QUANT = {
 
 @pytest.mark.parametrize("name", ["kimi_k2", "deepseek_v3"])
 def test_int4_pack_quantized_experts(name, tmp_path):
-    if name not in hf_archs.ARCHITECTURES:
-        pytest.skip(f"{name} is not registered yet")
     ref, _ = _write(name, tmp_path)
     file = _release_file(tmp_path)
     tensors = load_file(file)
@@ -245,12 +243,9 @@ def mxfp4_random(experts: int, out: int, cols: int, gen: torch.Generator) -> tup
 
 
 def test_mxfp4_gpt_oss_root_release(tmp_path):
-    arch = hf_archs.ARCHITECTURES.get("gpt_oss")
-    if arch is None:
-        pytest.skip("gpt_oss is not registered yet")
-    if not {"gate_up_proj", "down_proj"} <= set(arch.dequant_transposed):
-        pytest.skip('gpt_oss\'s registry entry does not declare dequant_transposed=("gate_up_proj", "down_proj") '
-                    "yet: its MXFP4 experts ([E, out, in] once dequantized) cannot be laid out in-major")
+    arch = hf_archs.ARCHITECTURES["gpt_oss"]
+    # its MXFP4 experts ([E, out, in] once dequantized) are laid out in-major at load
+    assert {"gate_up_proj", "down_proj"} <= set(arch.dequant_transposed)
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     official = BY_NAME["gpt_oss"].official_config()
