@@ -212,16 +212,26 @@ def recurrent_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decoding: the recurrence with batched matmuls over (batch, value heads); same contract as the oracle."""
     groups = _check(q, k, v, g, beta)
+    return recurrent_delta_rule(q, k, v, g, beta, groups, scale, initial_state, output_final_state)
+
+
+def recurrent_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                         beta: torch.Tensor, groups: int, scale: float | None, initial_state: torch.Tensor | None,
+                         output_final_state: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gated delta rule one token at a time, shared by Gated DeltaNet (`log_decay` [b, t, hv]: one decay per
+    head) and KDA ([b, t, hv, dk]: one per key channel); inputs already checked, `groups` value heads per key head."""
     b, t, _, dk = k.shape
     hv, dv = v.shape[-2:]
     scale = dk**-0.5 if scale is None else scale
     q = (q.float() * scale).repeat_interleave(groups, dim=2).reshape(b, t, hv, 1, dk)
     k = k.float().repeat_interleave(groups, dim=2).reshape(b, t, hv, 1, dk)
-    v, decay, beta = v.float(), g.float().exp(), beta.float()
+    v, decay, beta = v.float(), log_decay.float().exp(), beta.float()
+    if decay.dim() == 3:
+        decay = decay[..., None]  # one decay per head: the same for every key channel
     state = q.new_zeros(b, hv, dk, dv) if initial_state is None else initial_state.float()
     out = q.new_empty(b, t, hv, dv)
     for i in range(t):
-        state = state * decay[:, i, :, None, None]
+        state = state * decay[:, i, :, :, None]
         new_v = beta[:, i, :, None] * (v[:, i] - (k[:, i] @ state)[..., 0, :])  # [b, hv, dv]
         state = torch.baddbmm(state.reshape(-1, dk, dv), k[:, i].reshape(-1, dk, 1),
                               new_v.reshape(-1, 1, dv)).view(b, hv, dk, dv)

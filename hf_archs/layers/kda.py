@@ -34,6 +34,7 @@ from .gated_deltanet import (
     conv_state_at,
     linear_mixer_forward,
     pick_mode,
+    recurrent_delta_rule,
     report_path,
     to_chunks,
     unit_lower_inverse,
@@ -93,21 +94,7 @@ def recurrent_kda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
                   output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decoding: the recurrence with batched matmuls over (batch, value heads); same contract as the oracle."""
     groups = _check(q, k, v, g, beta)
-    b, t, _, dk = k.shape
-    hv, dv = v.shape[-2:]
-    scale = dk**-0.5 if scale is None else scale
-    q = (q.float() * scale).repeat_interleave(groups, dim=2).reshape(b, t, hv, 1, dk)
-    k = k.float().repeat_interleave(groups, dim=2).reshape(b, t, hv, 1, dk)
-    v, decay, beta = v.float(), g.float().exp(), beta.float()
-    state = q.new_zeros(b, hv, dk, dv) if initial_state is None else initial_state.float()
-    out = q.new_empty(b, t, hv, dv)
-    for i in range(t):
-        state = state * decay[:, i, :, :, None]
-        new_v = beta[:, i, :, None] * (v[:, i] - (k[:, i] @ state)[..., 0, :])  # [b, hv, dv]
-        state = torch.baddbmm(state.reshape(-1, dk, dv), k[:, i].reshape(-1, dk, 1),
-                              new_v.reshape(-1, 1, dv)).view(b, hv, dk, dv)
-        out[:, i] = (q[:, i] @ state)[..., 0, :]
-    return out, (state if output_final_state else None)
+    return recurrent_delta_rule(q, k, v, g, beta, groups, scale, initial_state, output_final_state)
 
 
 def _exact_blocks(q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor, group: int = 256
