@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.cache_utils import Cache, DynamicCache, LinearAttentionLayer
+from test_linear_mixers import close, fresh_cache, mixer
+from transformers.cache_utils import DynamicCache
 from transformers.models.qwen3_next import modeling_qwen3_next as tq
 
 from hf_archs import InputError
@@ -35,12 +36,6 @@ def inputs(b: int, t: int, h: int, hv: int, dk: int, dv: int, decay: float = 0.5
     beta = torch.rand(b, t, hv, generator=gen)
     state = torch.randn(b, hv, dk, dv, generator=gen)
     return q, k, v, g, beta, state
-
-
-def close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-5) -> None:
-    assert a.shape == b.shape
-    err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-    assert err <= tol, f"max relative difference {err:.2e} > {tol:.0e}"
 
 
 # Lengths below, at, between and above whole chunks of 16 (and several blocks of 64 tokens).
@@ -144,91 +139,8 @@ def test_gated_rmsnorm_matches_transformers():
     assert torch.equal(ours.to(torch.bfloat16)(x, z), theirs.to(torch.bfloat16)(x, z))
 
 
-def mixer(mode: str = "auto", chunk_size: int = 8, seed: int = 0) -> GatedDeltaNet:
-    torch.manual_seed(seed)
-    layer = GatedDeltaNet(hidden_size=32, num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8, layer_idx=0,
-                          chunk_size=chunk_size, mode=mode)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return layer.eval()
-
-
-def fresh_cache() -> Cache:
-    return Cache(layers=[LinearAttentionLayer()])
-
-
-def test_mixer_paths_agree():
-    x = torch.randn(2, 30, 32)
-    with torch.no_grad():
-        ref = mixer("naive")(x)
-        for mode in ("chunk", "recurrent"):
-            close(mixer(mode)(x), ref)
-
-
-@pytest.mark.parametrize("prefill", [1, 5, 8, 21])
-def test_mixer_decoding_from_cache_equals_full_forward(prefill):
-    layer = mixer(chunk_size=4)
-    x = torch.randn(2, 40, 32)
-    with torch.no_grad():
-        full = layer(x)
-        cache = fresh_cache()
-        outs = [layer(x[:, :prefill], cache=cache)]
-        state_shapes = (cache.layers[0].conv_states[0].shape, cache.layers[0].recurrent_states[0].shape)
-        t = prefill
-        for step in (1, 1, 3, 1, 7):  # single tokens (recurrent path) and short chunks (chunked, from a state)
-            outs.append(layer(x[:, t:t + step], cache=cache))
-            t += step
-        outs.append(layer(x[:, t:], cache=cache))
-    close(torch.cat(outs, dim=1), full)
-    # the cache holds only the conv inputs (q, k, v channels x kernel 4) and the fp32 state: constant in the sequence length
-    assert state_shapes == (torch.Size([2, 64, 4]), torch.Size([2, 4, 8, 8]))
-    assert cache.layers[0].conv_states[0].shape == state_shapes[0]
-    assert cache.layers[0].recurrent_states[0].dtype == torch.float32
-
-
-def test_mixer_left_padding_is_exact():
-    layer = mixer()
-    x = torch.randn(2, 20, 32)
-    mask = torch.ones(2, 20, dtype=torch.long)
-    mask[1, :7] = 0
-    with torch.no_grad():
-        batch = layer(x, attention_mask=mask)
-        alone = layer(x[1:, 7:])
-    close(batch[1, 7:], alone[0], 1e-5)
-
-
-def test_packed_documents_equal_each_alone():
-    layer = mixer(chunk_size=4)
-    x = torch.randn(1, 25, 32)
-    lengths = [6, 11, 8]
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    with torch.no_grad():
-        packed = layer(x, position_ids=position_ids)
-        alone = torch.cat([layer(part) for part in x.split(lengths, dim=1)], dim=1)
-        cu = torch.tensor([0, 6, 17, 25])
-        by_cu = layer(x, cu_seq_lens_q=cu)
-        cache = fresh_cache()
-        layer(x, position_ids=position_ids, cache=cache)
-        last_doc_cache = fresh_cache()
-        layer(x[:, 17:], cache=last_doc_cache)
-    close(packed, alone, 1e-5)
-    close(by_cu, alone, 1e-5)
-    # a cache filled by a packed row continues its last document
-    close(cache.layers[0].recurrent_states[0], last_doc_cache.layers[0].recurrent_states[0], 1e-5)
-    close(cache.layers[0].conv_states[0], last_doc_cache.layers[0].conv_states[0], 0)
-    # packed rows of different layouts in one batch
-    x2 = torch.randn(2, 12, 32)
-    pos2 = torch.stack([torch.cat([torch.arange(5), torch.arange(7)]), torch.arange(12)])
-    with torch.no_grad():
-        both = layer(x2, position_ids=pos2)
-        close(both[0, :5], layer(x2[:1, :5])[0], 1e-5)
-        close(both[0, 5:], layer(x2[:1, 5:])[0], 1e-5)
-        close(both[1], layer(x2[1:])[0], 1e-5)
-
-
 def test_packed_documents_are_refused_after_a_cached_state():
-    layer = mixer()
+    layer = mixer("gated_deltanet")
     x = torch.randn(1, 10, 32)
     cache = fresh_cache()
     with torch.no_grad():
@@ -248,7 +160,7 @@ def test_packing_detection():
 
 
 def test_cache_of_the_wrong_kind_is_refused():
-    layer = mixer()
+    layer = mixer("gated_deltanet")
     with pytest.raises(InputError, match="linear-attention layer but its cache layer is"):
         layer(torch.randn(1, 3, 32), cache=DynamicCache())
 
@@ -266,7 +178,7 @@ def test_mode_selection_and_bad_mode():
 
 def test_release_projection_layout_is_grouped_by_key_head():
     """in_proj_qkvz rows are [q_h | k_h | v (r heads) | z (r heads)] for each key head h, not [q | k | v | z]."""
-    layer = mixer()
+    layer = mixer("gated_deltanet")
     nk, dk, dv, r = 2, 8, 8, 2
     w = layer.in_proj_qkvz.weight.detach()
     x = torch.randn(1, 1, 32)

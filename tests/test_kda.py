@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_gated_deltanet import close, fresh_cache
+from test_linear_mixers import close, mixer
 from transformers.models.kimi_linear import modeling_kimi_linear as tk
 
 from hf_archs.layers.gated_deltanet import fla_available
 from hf_archs.layers.kda import (
-    KimiDeltaAttention,
     chunk_kda,
     intra_chunk_scores,
     kda,
@@ -113,25 +112,8 @@ def test_chunked_gradients_equal_naive():
         close(a, b, 5e-5)
 
 
-def mixer(mode: str = "auto", chunk_size: int = 8, seed: int = 0) -> KimiDeltaAttention:
-    torch.manual_seed(seed)
-    layer = KimiDeltaAttention(hidden_size=32, num_heads=2, head_dim=8, layer_idx=0, chunk_size=chunk_size, mode=mode)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return layer.eval()
-
-
-def test_mixer_paths_agree():
-    x = torch.randn(2, 30, 32)
-    with torch.no_grad():
-        ref = mixer("naive")(x)
-        for mode in ("chunk", "recurrent"):
-            close(mixer(mode)(x), ref)
-
-
 def test_forget_gate_matches_transformers():
-    layer = mixer()
+    layer = mixer("kda")
     x = torch.randn(2, 5, 32)
 
     class Config:
@@ -144,53 +126,6 @@ def test_forget_gate_matches_transformers():
         gate.dt_bias.copy_(layer.dt_bias)
         gate.A_log.copy_(layer.A_log)
         assert torch.equal(layer.forget_gate(x), gate(x))
-
-
-@pytest.mark.parametrize("prefill", [1, 6, 8, 19])
-def test_mixer_decoding_from_cache_equals_full_forward(prefill):
-    layer = mixer(chunk_size=4)
-    x = torch.randn(2, 40, 32)
-    with torch.no_grad():
-        full = layer(x)
-        cache = fresh_cache()
-        outs = [layer(x[:, :prefill], cache=cache)]
-        t = prefill
-        for step in (1, 1, 3, 1, 7):
-            outs.append(layer(x[:, t:t + step], cache=cache))
-            t += step
-        outs.append(layer(x[:, t:], cache=cache))
-    close(torch.cat(outs, dim=1), full)
-    # one conv state over the [q | k | v] channels (kernel 4) and the fp32 state
-    assert cache.layers[0].conv_states[0].shape == (2, 3 * 16, 4)
-    assert cache.layers[0].recurrent_states[0].shape == (2, 2, 8, 8)
-
-
-def test_mixer_left_padding_is_exact():
-    layer = mixer()
-    x = torch.randn(2, 20, 32)
-    mask = torch.ones(2, 20, dtype=torch.long)
-    mask[1, :7] = 0
-    with torch.no_grad():
-        batch = layer(x, attention_mask=mask)
-        alone = layer(x[1:, 7:])
-    close(batch[1, 7:], alone[0], 1e-5)
-
-
-def test_packed_documents_equal_each_alone():
-    layer = mixer(chunk_size=4)
-    x = torch.randn(1, 25, 32)
-    lengths = [6, 11, 8]
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    with torch.no_grad():
-        packed = layer(x, position_ids=position_ids)
-        alone = torch.cat([layer(part) for part in x.split(lengths, dim=1)], dim=1)
-        cache = fresh_cache()
-        layer(x, position_ids=position_ids, cache=cache)
-        last_doc_cache = fresh_cache()
-        layer(x[:, 17:], cache=last_doc_cache)
-    close(packed, alone, 1e-5)
-    close(cache.layers[0].recurrent_states[0], last_doc_cache.layers[0].recurrent_states[0], 1e-5)
-    close(cache.layers[0].conv_states[0], last_doc_cache.layers[0].conv_states[0], 0)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and flash-linear-attention")
