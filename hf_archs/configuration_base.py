@@ -7,12 +7,32 @@ from typing import Any
 from .errors import ConfigError
 
 
+def fused_experts_ep_plan(prefix: str, bias: bool = False) -> dict[str, str]:
+    """transformers' expert-parallel plan for fused `Experts` at `prefix` (e.g. "layers.*.mlp.experts"): each rank
+    keeps its share of the experts, tokens are dispatched to them."""
+    plan = {f"{prefix}.gate_up_proj": "grouped_gemm"}
+    if bias:
+        plan[f"{prefix}.gate_up_proj_bias"] = "grouped_gemm"
+    plan[f"{prefix}.down_proj"] = "grouped_gemm"
+    if bias:
+        plan[f"{prefix}.down_proj_bias"] = "grouped_gemm"
+    plan[prefix] = "ep_dispatch_experts"
+    return plan
+
+
 class DecoderConfigMixin:
     """Mixed into each architecture's `PreTrainedConfig` dataclass; adds methods only, never fields.
 
     `rope_parameters` is either one dict (every RoPE layer alike) or a dict keyed by layer type
     (Gemma 3: local and global layers have their own base). `allowed_layer_types` lists what `layer_types` may hold.
     """
+
+    # Pipeline stages of every decoder here: embeddings, the layer stack, the final norm.
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
 
     allowed_layer_types: tuple[str, ...] = ("full_attention",)
 

@@ -50,11 +50,6 @@ class HfaGemma3nConfig(DecoderConfigMixin, PreTrainedConfig):
         # deviation over the whole intermediate vector, which a column-sharded gate_proj splits across ranks
         # (transformers' plan shards it and then disagrees with one process; checked in tests/test_distributed.py).
     }
-    base_model_pp_plan = {
-        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
-        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
-        "norm": (["hidden_states"], ["hidden_states"]),
-    }
 
     vocab_size: int = 262_400
     hidden_size: int = 2048

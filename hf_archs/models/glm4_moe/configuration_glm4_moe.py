@@ -14,7 +14,7 @@ from dataclasses import field
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from ...configuration_base import DecoderConfigMixin
+from ...configuration_base import DecoderConfigMixin, fused_experts_ep_plan
 from ...errors import ConfigError
 
 
@@ -42,16 +42,7 @@ class HfaGlm4MoeConfig(DecoderConfigMixin, PreTrainedConfig):
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
     }
-    base_model_ep_plan = {
-        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.mlp.experts.down_proj": "grouped_gemm",
-        "layers.*.mlp.experts": "ep_dispatch_experts",
-    }
-    base_model_pp_plan = {
-        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
-        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
-        "norm": (["hidden_states"], ["hidden_states"]),
-    }
+    base_model_ep_plan = fused_experts_ep_plan("layers.*.mlp.experts")
 
     vocab_size: int = 151552
     hidden_size: int = 5120

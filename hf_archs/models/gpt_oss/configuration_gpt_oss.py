@@ -16,7 +16,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from ...configuration_base import DecoderConfigMixin
+from ...configuration_base import DecoderConfigMixin, fused_experts_ep_plan
 from ...errors import ConfigError
 
 _DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
@@ -38,18 +38,7 @@ class HfaGptOssConfig(DecoderConfigMixin, PreTrainedConfig):
         "layers.*.self_attn": "local_params",  # and read as this rank's local slice in the kernel
         "layers.*.self_attn.o_proj": "rowwise",
     }
-    base_model_ep_plan = {
-        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.mlp.experts.gate_up_proj_bias": "grouped_gemm",
-        "layers.*.mlp.experts.down_proj": "grouped_gemm",
-        "layers.*.mlp.experts.down_proj_bias": "grouped_gemm",
-        "layers.*.mlp.experts": "ep_dispatch_experts",
-    }
-    base_model_pp_plan = {
-        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
-        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
-        "norm": (["hidden_states"], ["hidden_states"]),
-    }
+    base_model_ep_plan = fused_experts_ep_plan("layers.*.mlp.experts", bias=True)
 
     vocab_size: int = 201088
     hidden_size: int = 2880

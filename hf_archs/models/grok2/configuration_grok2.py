@@ -21,7 +21,7 @@ from typing import Any
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from ...configuration_base import DecoderConfigMixin
+from ...configuration_base import DecoderConfigMixin, fused_experts_ep_plan
 from ...errors import ConfigError
 
 
@@ -43,16 +43,7 @@ class HfaGrok2Config(DecoderConfigMixin, PreTrainedConfig):
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
     }
-    base_model_ep_plan = {
-        "layers.*.block_sparse_moe.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.block_sparse_moe.experts.down_proj": "grouped_gemm",
-        "layers.*.block_sparse_moe.experts": "ep_dispatch_experts",
-    }
-    base_model_pp_plan = {
-        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
-        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
-        "norm": (["hidden_states"], ["hidden_states"]),
-    }
+    base_model_ep_plan = fused_experts_ep_plan("layers.*.block_sparse_moe.experts")
 
     vocab_size: int = 131072
     hidden_size: int = 8192

@@ -12,7 +12,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from ...configuration_base import DecoderConfigMixin
+from ...configuration_base import DecoderConfigMixin, fused_experts_ep_plan
 from ...errors import ConfigError
 
 
@@ -33,16 +33,7 @@ class HfaMiniMaxM2Config(DecoderConfigMixin, PreTrainedConfig):
         "layers.*.block_sparse_moe.experts.down_proj": "rowwise",
         "layers.*.block_sparse_moe.experts": "moe_tp_experts",
     }
-    base_model_ep_plan = {
-        "layers.*.block_sparse_moe.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.block_sparse_moe.experts.down_proj": "grouped_gemm",
-        "layers.*.block_sparse_moe.experts": "ep_dispatch_experts",
-    }
-    base_model_pp_plan = {
-        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
-        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
-        "norm": (["hidden_states"], ["hidden_states"]),
-    }
+    base_model_ep_plan = fused_experts_ep_plan("layers.*.block_sparse_moe.experts")
 
     vocab_size: int = 200064
     hidden_size: int = 3072

@@ -8,7 +8,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from ...configuration_base import DecoderConfigMixin
+from ...configuration_base import DecoderConfigMixin, fused_experts_ep_plan
 from ...errors import ConfigError
 
 
@@ -33,16 +33,7 @@ class HfaQwen3MoeConfig(DecoderConfigMixin, PreTrainedConfig):
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
     }
-    base_model_ep_plan = {
-        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.mlp.experts.down_proj": "grouped_gemm",
-        "layers.*.mlp.experts": "ep_dispatch_experts",
-    }
-    base_model_pp_plan = {
-        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
-        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
-        "norm": (["hidden_states"], ["hidden_states"]),
-    }
+    base_model_ep_plan = fused_experts_ep_plan("layers.*.mlp.experts")
 
     vocab_size: int = 151936
     hidden_size: int = 4096
