@@ -343,7 +343,8 @@ def mla_markdown(mla: dict[str, Any], args: argparse.Namespace) -> list[str]:
               f"{mla['kv_lora_rank']} + RoPE key {mla['qk_rope_head_dim']}, {mla['dtype']}. The cache is filled by an "
               f"untimed prefill of the context; then {mla['steps']} single-token forwards (the same tokens for both) "
               "are timed and the cache is cropped back; the per-step mean, min over interleaved rounds. Ours decodes "
-              "absorbed (its default for a single token on a cached history); transformers re-expands the whole "
+              "absorbed (its default for a single token on a cached history: one sdpa pass over the latent rows, the heads "
+              "as query rows); transformers re-expands the whole "
               "latent history through kv_b_proj at every step. The logits of the timed steps are compared first "
               "(fp32: gate 1e-4). Cache bytes: the cached tokens' tensors after the prefill; analytic = (kv_lora_rank "
               "+ qk_rope_head_dim) x layers x element size x context."), "",

@@ -172,3 +172,33 @@ def test_blocked_scores_equal_one_matmul(length):
     strided = torch.randn(2, length, 600)[..., :576]  # a view with a row stride wider than its width (joint_view)
     torch.testing.assert_close(blocked_scores(q, strided), torch.bmm(q, strided.transpose(1, 2)), rtol=1e-5,
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+def test_one_token_fused_pass_equals_two_pass(dtype, mask_kind):
+    """A single decoded token attends its history in one sdpa pass over the joint cache rows; it must equal the
+    two-pass form (scores, softmax, probabilities applied to the latents), padding masks and a batch whose rows sit
+    in a storage wider than the cached length included."""
+    attn, _ = _block(16)
+    attn = attn.to(dtype)
+    torch.manual_seed(1)
+    b, h, T, r, d_rope = 2, 3, 300, 20, 8
+    storage = torch.randn(b, 1, 512, r + d_rope, dtype=dtype)  # capacity 512 > T: strided like a LatentCacheLayer
+    latent, k_rot = storage[..., :T, :r], storage[..., :T, r:]
+    joint = joint_view(latent, k_rot)
+    assert joint is not None and not joint.is_contiguous()
+    q = torch.randn(b, h, r + d_rope, dtype=dtype)
+    keep = torch.ones(b, 1, 1, T, dtype=torch.bool)
+    keep[0, ..., :37] = False  # row 0 left-padded by 37 tokens
+    mask = {"none": None, "bool": keep,
+            "additive": torch.zeros(b, 1, 1, T, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)}[mask_kind]
+    with torch.no_grad():
+        fused = attn._one_token_fused(q, joint, mask)
+        two = attn._two_pass(q, latent, k_rot, joint, mask, h, 1)
+    assert fused.shape == two.shape == (b, h, r)
+    assert max_rel_diff(fused.float(), two.float()) <= (1e-5 if dtype == torch.float32 else 2e-2)
+    if mask_kind != "none":  # the padded positions really are ignored: changing them changes nothing
+        storage[0, ..., :37, :] = 1e3
+        with torch.no_grad():
+            assert torch.equal(attn._one_token_fused(q, joint, mask), fused)

@@ -14,7 +14,9 @@ inference/model.py, `attn_impl = "absorb"`):
     absorbed:      q_nope . (W_UK c) = (W_UK^T q_nope) . c, so the query is moved into latent space once per step;
                    scores = q_lat . c + q_rot . k_rot; the output sum_t p_t (W_UV c_t) = W_UV (sum_t p_t c_t), so the
                    probabilities are applied to the latents and W_UV once at the end. The history is never expanded:
-                   a step reads the cache once, flat in the number of heads.
+                   a step reads the cache once, flat in the number of heads. A single new token attends through
+                   sdpa with the heads as its query rows and the joint `[c | k_rot]` rows as keys and values (one
+                   pass of blocked online softmax over the cache); longer chunks take scores, softmax, then values.
 
 `absorb="auto"` (default) decompresses a prompt (no history: cheaper and the same op order as transformers) and
 absorbs when a short chunk attends a cached history (decoding, speculative verification).
@@ -253,9 +255,33 @@ class MultiHeadLatentAttention(nn.Module):
         # q_lat = W_UK^T q_nope per head: batched over heads on strided weight views (no weight copy)
         q_lat = torch.bmm(q_nope.transpose(0, 1).reshape(h, b * t, -1), w_uk.to(q_nope.dtype))  # [h, b*t, r]
         q = torch.cat((q_lat.view(h, b, t, -1).permute(1, 0, 2, 3), q_rot), dim=-1).reshape(b, h * t, -1)
+        joint = joint_view(latent, k_rot)
+        if joint is not None and t == 1 and not (self.training and self.attention_dropout):
+            o_lat = self._one_token_fused(q, joint, attention_mask)  # [b, h, r]
+        else:
+            o_lat = self._two_pass(q, latent, k_rot, joint, attention_mask, h, t)  # [b, h*t, r]
+        o_lat = o_lat.view(b, h, t, -1).transpose(0, 1).reshape(h, b * t, -1)
+        out = torch.bmm(o_lat, w_uv.to(o_lat.dtype).transpose(1, 2))  # [h, b*t, d_v]: W_UV once per query
+        return out.view(h, b, t, -1).permute(1, 2, 0, 3)  # [b, t, h, d_v]
+
+    def _one_token_fused(self, q: torch.Tensor, joint: torch.Tensor, attention_mask: torch.Tensor | None
+                         ) -> torch.Tensor:
+        """One new token per row: `sum_T softmax(q . [c | k_rot]) c` for the h query rows `q [b, h, r + d_rope]` in
+        one pass over the cache. The heads are the query rows of one attention "head" whose keys and values are both
+        the joint `[c | k_rot]` rows (the output's last d_rope columns are dropped): sdpa's blocked online softmax
+        then reads each block of the cache once for the scores and finds it still in cache for the values, where the
+        two-pass form streams the whole history from memory twice. A single token attends its whole history, so the
+        only mask is padding (`[b, 1, 1, T]`, broadcast over the heads)."""
+        out = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(1), joint, joint, attn_mask=attention_mask,
+                                                               scale=self.scaling)
+        return out[:, 0, :, : self.kv_lora_rank]
+
+    def _two_pass(self, q: torch.Tensor, latent: torch.Tensor, k_rot: torch.Tensor, joint: torch.Tensor | None,
+                  attention_mask: torch.Tensor | None, h: int, t: int) -> torch.Tensor:
+        """Scores, softmax, then the probabilities applied to the latents (any chunk length, dropout)."""
+        b, kv_len = q.shape[0], latent.shape[2]
         # Heads fold into the query rows: [b, h*t, r + d_rope] x [b, r + d_rope, T] streams each cached token once,
         # in 256-token blocks (`blocked_scores`: the fastest form on CPU for a few query rows and a long cache).
-        joint = joint_view(latent, k_rot)
         if joint is not None:
             scores = blocked_scores(q, joint[:, 0])  # [b, h*t, T]
         else:
@@ -269,12 +295,9 @@ class MultiHeadLatentAttention(nn.Module):
                 scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
             else:
                 scores = scores + attention_mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         probs = nn.functional.dropout(probs, p=self.attention_dropout, training=self.training)
-        o_lat = torch.bmm(probs.view(b, h * t, kv_len), latent[:, 0])  # [b, h*t, r]: sum_T p c, still latent
-        o_lat = o_lat.view(b, h, t, -1).transpose(0, 1).reshape(h, b * t, -1)
-        out = torch.bmm(o_lat, w_uv.to(o_lat.dtype).transpose(1, 2))  # [h, b*t, d_v]: W_UV once per query
-        return out.view(h, b, t, -1).permute(1, 2, 0, 3)  # [b, t, h, d_v]
+        return torch.bmm(probs.view(b, h * t, kv_len), latent[:, 0])  # [b, h*t, r]: sum_T p c, still latent
 
 
 __all__ = ["LatentCacheLayer", "MultiHeadLatentAttention", "blocked_scores", "deinterleave", "joint_view"]
