@@ -9,6 +9,7 @@ missing, unexpected or mis-shaped tensor is named in one error.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -146,23 +147,23 @@ def _group_size(quant: dict[str, Any], base: str) -> int:
 _EXPERT = re.compile(r"^(?P<module>.*\.experts)\.(?P<e>\d+)\.(?P<rest>.+)$")
 
 
-def skip_reason(arch: Architecture, name: str, num_layers: int | None = None) -> str | None:
-    """The reason of the declared rule that skips an official tensor name, or None. `num_layers`: the model's
-    num_hidden_layers, for `skip_trailing_layers`."""
+@functools.cache
+def _prefix_pattern(prefix: str) -> re.Pattern[str]:
+    """A `skip_keys` prefix as a regex: literal, except that a `*` component matches any one name component."""
+    return re.compile(r"[^.]+".join(re.escape(part) for part in prefix.split("*")))
+
+
+def skip_reason(arch: Architecture, name: str) -> str | None:
+    """The reason of the declared rule that skips an official tensor name, or None."""
     for prefix, reason in arch.skip_keys:
-        if name.startswith(prefix):
-            return reason
-    if arch.skip_trailing_layers is not None and num_layers is not None:
-        prefix, reason = arch.skip_trailing_layers
-        index = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
-        if index.isdigit() and int(index) >= num_layers:
+        if name.startswith(prefix) if "*" not in prefix else _prefix_pattern(prefix).match(name):
             return reason
     return None
 
 
-def map_name(arch: Architecture, name: str, num_layers: int | None = None) -> str | None:
+def map_name(arch: Architecture, name: str) -> str | None:
     """Our tensor name for an official one, or None when a declared rule skips it."""
-    if skip_reason(arch, name, num_layers) is not None:
+    if skip_reason(arch, name) is not None:
         return None
     for pattern, repl in arch.key_renames:
         new, n = re.subn(pattern, repl, name, count=1)
@@ -172,7 +173,7 @@ def map_name(arch: Architecture, name: str, num_layers: int | None = None) -> st
 
 
 def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logical: dict[str, Producer],
-                 optional: Iterable[str] = (), model_name: str = "the model", num_layers: int | None = None
+                 optional: Iterable[str] = (), model_name: str = "the model"
                  ) -> tuple[dict[str, Producer], dict[str, int]]:
     """Map the release's logical tensors onto `expected` (our name -> shape). Raises on any problem.
     Returns the plan and the count of tensors skipped per declared reason."""
@@ -190,7 +191,7 @@ def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logic
     skipped: dict[str, int] = {}
     names: dict[int, str] = {}  # id(producer) -> official name, for per-expert messages
     for name, prod in logical.items():
-        reason = skip_reason(arch, name, num_layers)
+        reason = skip_reason(arch, name)
         if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue

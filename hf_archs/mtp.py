@@ -1,5 +1,6 @@
-"""Multi-token prediction (MTP): the extra modules DeepSeek V3, GLM-4.5 and MiniMax-M2 ship, for training and for
-self-speculative greedy decoding. Nothing here is specific to one architecture.
+"""Multi-token prediction (MTP): the extra modules DeepSeek V3 and GLM-4.5 ship and MiniMax-M2's config declares
+(its files hold none), for training and for self-speculative greedy decoding. Nothing here is specific to one
+architecture.
 
 An MTP module k (1-based) turns the representation of position i at depth k - 1 (the main model's final, normed
 hidden state for k = 1; module k - 1's output otherwise) and the embedding of token i + k into a prediction of token
@@ -9,10 +10,11 @@ i + k + 1 (DeepSeek-V3 report, section 2.2):
     logits_k[i] = shared_head.head(shared_head.norm(h_k[i]))
 
 The release layout puts module k right after the decoder, as `model.layers.{num_hidden_layers + k - 1}`: the keys of
-a full decoder layer plus `enorm`, `hnorm`, `eh_proj`, `embed_tokens` and `shared_head.{norm,head}` (the embedding
-and head are stored copies of the main ones). So an MTP layer here is the architecture's own decoder-layer class with
-those modules added (`MTPLayer` mixin); `MultiTokenPrediction` (mixed into a CausalLM) adds the training loss and
-`generate(..., use_mtp=True)`.
+a full decoder layer plus `enorm`, `hnorm`, `eh_proj`, `embed_tokens` and `shared_head.{norm,head}` (DeepSeek,
+GLM: the embedding and head are stored copies of the main ones; MiniMax-M2, after RBLN-SW/vllm-rbln's
+minimax_m2_mtp.py: a head of its own, and the embedding at most once, under the first module, a copy of the main
+one). So an MTP layer here is the architecture's own decoder-layer class with those modules added (`MTPLayer`
+mixin); `MultiTokenPrediction` (mixed into a CausalLM) adds the training loss and `generate(..., use_mtp=True)`.
 
 Training: `loss = main loss + mtp_loss_weight * mean_k(cross-entropy of module k)` (weight from the config, or the
 forward's `mtp_loss_weight=`; by default only in training mode). The main hidden state fed to module 1 is the

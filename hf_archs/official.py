@@ -1,17 +1,20 @@
 """`from_official`: load an official release directory, in its publisher's layout, strictly.
 
 Steps: read config.json (official model_type and field names) -> pick the architecture -> build our config ->
-list every tensor of the release from the safetensors headers (cheap) -> map names by the architecture's declared
-renames and skip rules -> check names and shapes against the model (every problem named) -> only then read the data.
+list every tensor of the release from the safetensors headers (cheap) -> drop the MTP modules the config declares
+if the release stores none of them (where the architecture allows it: `Architecture.optional_mtp`) -> map names by
+the architecture's declared renames and skip rules -> check names and shapes against the model (every problem
+named) -> only then read the data.
 Nothing is written anywhere; pickle files are never read.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,11 +72,20 @@ def prepare(path: str | os.PathLike, format: str | None = None, allow_pickle: bo
     arch = by_official_config(official)
     config = config_from_official(official, arch, **overrides)
     logical, sources, notes = fmt.tensors(root, official, allow_pickle)
+    if arch.optional_mtp is not None:
+        prefix, field = arch.optional_mtp
+        declared = getattr(config, field)
+        if declared and field not in overrides and not stores_layers_after(logical, prefix, config.num_hidden_layers):
+            logger.warning("hf_archs: the release declares %d MTP modules (%s) but stores none (no tensor under "
+                           "%s<i> for i >= %d): loaded without them, %s=0", declared, field, prefix,
+                           config.num_hidden_layers, field)
+            notes.append(f"the release stores none of its {declared} declared MTP modules: {field} set to 0")
+            config = config_from_official(official, arch, **overrides, **{field: 0})
     with torch.device("meta"):
         model = arch.causal_lm_class(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     optional = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    plan, skipped = plan_tensors(arch, expected, logical, optional, type(model).__name__, config.num_hidden_layers)
+    plan, skipped = plan_tensors(arch, expected, logical, optional, type(model).__name__)
     return Prepared(root, fmt.name, official, arch, config, model, plan, skipped, sources, notes, logical)
 
 
@@ -143,7 +155,18 @@ def fp32_names(model: torch.nn.Module, names, dtype: torch.dtype) -> set[str]:
     return {n for n in names if any(m in n.split(".") or f".{m}." in f".{n}" for m in modules)}
 
 
-def map_name(arch: Architecture, name: str, num_layers: int | None = None) -> str | None:
+def stores_layers_after(names: Iterable[str], prefix: str, num_layers: int) -> bool:
+    """Whether any of a release's tensor names is under `<prefix><i>.` with i >= num_layers (MTP modules kept
+    after the decoder's layers)."""
+    for name in names:
+        if name.startswith(prefix):
+            index = name[len(prefix):].split(".", 1)[0]
+            if index.isdigit() and int(index) >= num_layers:
+                return True
+    return False
+
+
+def map_name(arch: Architecture, name: str) -> str | None:
     from conversion.plan import map_name as _map
 
-    return _map(arch, name, num_layers)
+    return _map(arch, name)

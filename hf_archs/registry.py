@@ -37,9 +37,12 @@ class Architecture:
 
     `key_renames`: (regex, replacement) pairs tried in order on every tensor name of a release; the first that
     matches is applied (once).
-    `skip_keys`: (official prefix, reason) for tensors deliberately not loaded (a vision tower, say).
-    `skip_trailing_layers`: (layer prefix, reason): skip `<prefix><i>.*` for every i >= num_hidden_layers, the
-    layers a release stores after the decoder's (MTP modules) when the model does not hold them.
+    `skip_keys`: (official prefix, reason) for tensors deliberately not loaded (a vision tower, say); a `*`
+    component of the prefix stands for any one name component (`model.layers.*.embed_tokens.`).
+    `optional_mtp`: (layer prefix, config field) where the config declares MTP modules kept after the decoder
+    (`<prefix><num_hidden_layers + k>.*`) that a release may leave out: a release storing no tensor under
+    `<prefix><i>.` for any i >= num_hidden_layers loads with the field set to 0 (logged); one storing any of them
+    loads them strictly, as every tensor.
     `fuse_experts`: per-expert release tensors fused into our 3-D expert parameters.
     `formats`: release formats (conversion/formats.py) besides HF layout that this architecture is shipped in.
     `text_config_key`: where a multimodal release keeps the decoder's config inside config.json.
@@ -54,7 +57,7 @@ class Architecture:
     text_config_key: str | None = None
     key_renames: tuple[tuple[str, str], ...] = ()
     skip_keys: tuple[tuple[str, str], ...] = ()
-    skip_trailing_layers: tuple[str, str] | None = None
+    optional_mtp: tuple[str, str] | None = None
     fuse_experts: tuple[FuseExperts, ...] = ()
     # Names (last component) of tensors whose quantized storage is [.., out, in] but which this architecture
     # keeps as [.., in, out] (gpt-oss's MXFP4 experts): transposed after dequantization.
@@ -136,6 +139,8 @@ _GEMMA3N_TOWERS = (("model.vision_tower.", _VISION), ("model.audio_tower.", _AUD
                    *((f"model.language_model.layers.{i}.self_attn.{name}.", _GEMMA3N_KV_SHARED)
                      for i in range(20, 35) for name in ("k_proj", "v_proj", "k_norm")))
 
+_MTP_EMBEDDING_COPY = "a copy of the main embedding stored under an MTP layer: the MTP modules read the main model's"
+
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture("qwen3", "qwen3", "HfaQwen3Config", "HfaQwen3Model", "HfaQwen3ForCausalLM", ("qwen3",)),
     Architecture("qwen3_moe", "qwen3_moe", "HfaQwen3MoeConfig", "HfaQwen3MoeModel", "HfaQwen3MoeForCausalLM",
@@ -170,18 +175,21 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
                  key_renames=_GEMMA3N_TEXT, skip_keys=_GEMMA3N_TOWERS,
                  export_as=("gemma3n_text", "Gemma3nForCausalLM")),
     # GLM-4.5 / Air: the MTP layer `model.layers.<num_hidden_layers>.*` is loaded (our model keeps it there).
-    # MiniMax-M2's MTP modules `model.layers.<num_hidden_layers + i>.*` are skipped: no source gives their inner
-    # tensor names (vLLM only skips the prefix; SGLang's minimax_m2_nextn.py uses another layout, `mtp_layers.<i>`),
-    # and users report that the released files hold no trained MTP weights (MiniMax-AI/MiniMax-M2#47,
-    # sgl-project/sglang#13981: the weight map has layers 0-61 only).
     Architecture("glm4_moe", "glm4_moe", "HfaGlm4MoeConfig", "HfaGlm4MoeModel", "HfaGlm4MoeForCausalLM",
                  ("glm4_moe",), fuse_experts=SWIGLU_EXPERTS),
+    # MiniMax-M2: the config declares `num_mtp_modules` (3) MTP modules at `model.layers.<num_hidden_layers + k>.*`,
+    # with the inner names of RBLN-SW/vllm-rbln's vllm_rbln/models/minimax_m2_mtp.py (DeepSeek's recipe on a
+    # MiniMax-M2 decoder layer). MiniMax publishes no trained MTP weights (the official weight map has layers 0-61
+    # only: MiniMax-AI/MiniMax-M2#47, sgl-project/sglang#13981), so such a release loads with num_mtp_modules=0;
+    # one that stores them loads them strictly. An `embed_tokens` a release keeps under an MTP layer (vllm-rbln:
+    # under the first one) is a copy of the main embedding, which our MTP modules read. (SGLang's
+    # minimax_m2_nextn.py reads another layout, `mtp_layers.<i>`; no release in either layout is known.)
     Architecture("minimax_m2", "minimax_m2", "HfaMiniMaxM2Config", "HfaMiniMaxM2Model", "HfaMiniMaxM2ForCausalLM",
                  ("minimax_m2",), fuse_experts=_W1_W3_W2_EXPERTS,
-                 skip_trailing_layers=("model.layers.", "MTP layers: not loaded; their inner tensor names are in no "
-                                                        "stored source (vLLM only skips the prefix, SGLang and vLLM "
-                                                        "forks disagree, MiniMax publishes no trained MTP weights)"),
-                 notes="the only release is block-FP8: dequantized at load"),
+                 skip_keys=(("model.layers.*.embed_tokens.", _MTP_EMBEDDING_COPY),),
+                 optional_mtp=("model.layers.", "num_mtp_modules"),
+                 notes="the only release is block-FP8 and stores no MTP modules: dequantized at load, "
+                       "num_mtp_modules set to 0"),
     # DeepSeek V3 / R1 and Kimi K2 (the same architecture; K2's releases say model_type kimi_k2 and get K2's
     # defaults). The MTP layers `model.layers.<num_hidden_layers + k>.*` are loaded: our model keeps them there.
     Architecture("deepseek_v3", "deepseek_v3", "HfaDeepseekV3Config", "HfaDeepseekV3Model",

@@ -5,6 +5,9 @@ The config.json carries the release's own fields (rotary_dim, attn_type_list, sc
 qk_norm_type, shared_intermediate_size, use_mtp, ...); head_dim differs from hidden_size // num_attention_heads,
 as in the release (48 x 128 > 3072). transformers renames `block_sparse_moe` to `mlp` in memory; ours keeps the
 release's name.
+transformers' MiniMaxM2ForCausalLM is the reference; it has no MTP modules, so they are generated here (seeded) and
+written into the release and into the state handed to ours (`to_ours`), with the inner names of RBLN-SW/vllm-rbln's
+vllm_rbln/models/minimax_m2_mtp.py (the official files hold none: MiniMax publishes no trained MTP weights).
 Source of the shape: https://huggingface.co/MiniMaxAI/MiniMax-M2/blob/main/config.json
 """
 
@@ -22,7 +25,7 @@ LAYERS = TINY["num_hidden_layers"]
 OFFICIAL = dict(TINY, model_type="minimax_m2", architectures=["MiniMaxM2ForCausalLM"], head_dim=24, rotary_dim=12,
                 rope_theta=5_000_000, intermediate_size=32, num_local_experts=8, num_experts_per_tok=3,
                 scoring_func="sigmoid", use_routing_bias=True, use_qk_norm=True, qk_norm_type="per_layer",
-                attn_type_list=[1] * LAYERS, shared_intermediate_size=0, use_mtp=True, num_mtp_modules=3,
+                attn_type_list=[1] * LAYERS, shared_intermediate_size=0, use_mtp=True, num_mtp_modules=2,
                 mtp_transformer_layers=1, tie_word_embeddings=False)
 
 
@@ -36,29 +39,62 @@ def reference(official: dict[str, Any]) -> torch.nn.Module:
     return set_correction_bias(MiniMaxM2ForCausalLM(config).eval())
 
 
-def to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def rename_mlp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' in-memory `mlp` is the release's `block_sparse_moe`."""
     return {k.replace(".mlp.", ".block_sparse_moe."): v for k, v in state.items()}
 
 
-def copy_layer(release: dict[str, torch.Tensor], src: int, dst: int) -> dict[str, torch.Tensor]:
-    """Layer `src`'s release tensors renamed to layer `dst` (an MTP layer holds a full decoder layer)."""
-    prefix = f"model.layers.{src}."
-    return {f"model.layers.{dst}.{k[len(prefix):]}": v.clone() for k, v in release.items() if k.startswith(prefix)}
+def mtp_state(official: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Seeded MTP tensors in the in-memory layout (fused experts): a transformers decoder layer at index
+    num_hidden_layers + k plus enorm / hnorm / eh_proj / shared_head.{norm,head} (no embedding: the modules read
+    the main model's)."""
+    from transformers import MiniMaxM2Config
+    from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2DecoderLayer
+
+    config = MiniMaxM2Config(**{k: v for k, v in official.items() if k not in ("model_type", "architectures",
+                                                                                "use_mtp")})
+    n, hidden, vocab = official["num_hidden_layers"], official["hidden_size"], official["vocab_size"]
+    gen = torch.Generator().manual_seed(11)
+    state: dict[str, torch.Tensor] = {}
+    for k in range(official.get("num_mtp_modules", 0)):
+        layer = MiniMaxM2DecoderLayer(config, n + k).state_dict()
+        shapes = {name.removeprefix("layer."): t.shape
+                  for name, t in rename_mlp({f"layer.{name}": t for name, t in layer.items()}).items()}
+        shapes.update({"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
+                       "shared_head.norm.weight": (hidden,), "shared_head.head.weight": (vocab, hidden)})
+        for name in sorted(shapes):
+            noise = torch.randn(shapes[name], generator=gen)
+            if name.endswith("e_score_correction_bias"):
+                value = 0.1 * noise
+            elif len(shapes[name]) == 1:
+                value = 1.0 + 0.1 * noise
+            else:
+                value = 0.08 * noise
+            state[f"model.layers.{n + k}.{name}"] = value
+    return state
+
+
+def to_ours(official: dict[str, Any]):
+    def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**rename_mlp(state), **mtp_state(official)}
+    return convert
+
+
+def release_tensors(ref: torch.nn.Module, official: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """MiniMaxAI's layout: `block_sparse_moe.experts.<e>.{w1,w3,w2}.weight`, and the MTP modules at layers
+    num_hidden_layers .. + num_mtp_modules - 1, each a full decoder layer plus enorm / hnorm / eh_proj /
+    shared_head, with a copy of the embedding under the first one (vllm-rbln: "shared weights live only under the
+    first MTP layer's namespace")."""
+    release = per_expert(to_ours(official)(ref.state_dict()), "w1", "w3", "w2")
+    if official.get("num_mtp_modules", 0):
+        n = official["num_hidden_layers"]
+        release[f"model.layers.{n}.embed_tokens.weight"] = release["model.embed_tokens.weight"].clone()
+    return release
 
 
 def write_release(ref: torch.nn.Module, official: dict[str, Any], root: Path) -> None:
-    """MiniMaxAI's layout: `block_sparse_moe.experts.<e>.{w1,w3,w2}.weight`, and MTP modules at layers
-    num_hidden_layers .. + num_mtp_modules - 1. Their inner names are not verified against the release (vLLM
-    skips the whole layer prefix): each holds a full decoder layer plus DeepSeek-style eh_proj / enorm / hnorm."""
-    release = per_expert(to_ours(ref.state_dict()), "w1", "w3", "w2")
-    n, h = official["num_hidden_layers"], official["hidden_size"]
-    gen = torch.Generator().manual_seed(3)
-    for i in range(official["num_mtp_modules"]):
-        release.update(copy_layer(release, n - 1, n + i))
-        release.update({f"model.layers.{n + i}.{k}": torch.randn(shape, generator=gen) for k, shape in {
-            "eh_proj.weight": (h, 2 * h), "enorm.weight": (h,), "hnorm.weight": (h,)}.items()})
-    write_file_release(release, official, root)
+    write_file_release(release_tensors(ref, official), official, root)
 
 
-CASE = Case(name="minimax_m2", official=OFFICIAL, reference=reference, write_release=write_release, to_ours=to_ours)
+CASE = Case(name="minimax_m2", official=OFFICIAL, reference=reference, write_release=write_release,
+            to_ours=to_ours(OFFICIAL))

@@ -1,5 +1,7 @@
 """Multi-token prediction: self-speculative greedy decoding equals plain greedy decoding, the MTP training loss
-(against a naive computation) reaches every MTP weight, MTP layers of any count load from the release."""
+(against a naive computation) reaches every MTP weight, MTP layers of any count load from the release.
+DeepSeek V3 (own embedding and head per module) and MiniMax-M2 (own head, the main model's embedding) both run the
+decoding and loss checks; GLM-4.5's are in test_glm4_moe.py."""
 
 from __future__ import annotations
 
@@ -14,22 +16,27 @@ from hf_archs.mtp import MTPDrafter, run_mtp_layer, speculative_greedy
 
 CASE = BY_NAME["deepseek_v3"]
 GREEDY = {"do_sample": False, "pad_token_id": 0}
+# The config field that counts the MTP modules, per architecture (the release's own name).
+MTP_FIELD = {"deepseek_v3": "num_nextn_predict_layers", "minimax_m2": "num_mtp_modules"}
+archs = pytest.mark.parametrize("name", sorted(MTP_FIELD))
 
 
-def _model(num_mtp: int = 1, seed: int = 0) -> torch.nn.Module:
-    """A tiny DeepSeek V3 with `num_mtp` MTP layers, every weight seeded."""
-    official = dict(CASE.official_config(), num_nextn_predict_layers=num_mtp)
-    model = hf_archs.ARCHITECTURES["deepseek_v3"].causal_lm_class(hf_archs.config_from_official(official))
+def _model(num_mtp: int = 1, seed: int = 0, name: str = "deepseek_v3") -> torch.nn.Module:
+    """A tiny model of architecture `name` with `num_mtp` MTP layers, every weight seeded."""
+    official = dict(BY_NAME[name].official_config(), **{MTP_FIELD[name]: num_mtp})
+    model = hf_archs.ARCHITECTURES[name].causal_lm_class(hf_archs.config_from_official(official))
+    assert len(model.mtp_layers) == num_mtp
     torch.manual_seed(seed)
     model = randomize(model, seed=seed).eval()
     model.set_attn_implementation("eager")
     return model
 
 
+@archs
 @pytest.mark.parametrize("num_mtp", [1, 2])
-def test_mtp_speculative_decoding_equals_greedy_token_for_token(num_mtp):
-    model = _model(num_mtp)
-    ids = tokens(CASE, batch=1, length=5)
+def test_mtp_speculative_decoding_equals_greedy_token_for_token(name, num_mtp):
+    model = _model(num_mtp, name=name)
+    ids = tokens(BY_NAME[name], batch=1, length=5)
     with torch.no_grad():
         plain = model.generate(ids, max_new_tokens=20, min_new_tokens=20, **GREEDY)
         fast = model.generate(ids, max_new_tokens=20, min_new_tokens=20, use_mtp=True, **GREEDY)
@@ -42,9 +49,10 @@ def test_mtp_speculative_decoding_equals_greedy_token_for_token(num_mtp):
     assert torch.equal(fast, plain) and plain.shape[1] < 5 + 20
 
 
-def test_mtp_speculative_decoding_left_padded_batch_equals_greedy():
-    model = _model(2, seed=1)
-    long, short = tokens(CASE, length=9, seed=2)[0], tokens(CASE, length=5, seed=3)[0]
+@archs
+def test_mtp_speculative_decoding_left_padded_batch_equals_greedy(name):
+    model = _model(2, seed=1, name=name)
+    long, short = tokens(BY_NAME[name], length=9, seed=2)[0], tokens(BY_NAME[name], length=5, seed=3)[0]
     ids = torch.stack([long, torch.cat([torch.zeros(4, dtype=torch.long), short])])
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
@@ -52,6 +60,44 @@ def test_mtp_speculative_decoding_left_padded_batch_equals_greedy():
         plain = model.generate(ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, **GREEDY)
         fast = model.generate(ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, use_mtp=True, **GREEDY)
     assert torch.equal(fast, plain)
+
+
+def _drafting_model(name: str, num_mtp: int, seed: int = 0) -> torch.nn.Module:
+    """A model whose MTP modules draft well, so that drafts are accepted as well as refused: every residual branch
+    (attention and MLP outputs) scaled by 0.1, which leaves the main model mostly a bigram model of the current
+    token, and each MTP module reading its token's embedding only (eh_proj = [I | 0], embedding first) through the
+    main model's final norm and head."""
+    model = _model(num_mtp, seed=seed, name=name)
+    h = model.config.hidden_size
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if key.endswith(("o_proj.weight", "down_proj", "down_proj.weight")):
+                p.mul_(0.1)
+        for layer in model.mtp_layers:
+            layer.eh_proj.weight.copy_(torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1))
+            layer.enorm.weight.fill_(1.0)
+            layer.shared_head.norm.weight.copy_(model.model.norm.weight)
+            layer.shared_head.head.weight.copy_(model.lm_head.weight)
+            if layer.embed_tokens is not None:  # DeepSeek's own copy of the embedding
+                layer.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+    return model
+
+
+@archs
+@pytest.mark.parametrize("num_mtp", [1, 2])
+def test_accepted_and_refused_mtp_drafts_keep_greedy_decoding(name, num_mtp):
+    model = _drafting_model(name, num_mtp)
+    ids = tokens(BY_NAME[name], length=5)
+    stats = {}
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=20, min_new_tokens=20, **GREEDY)
+        fast = speculative_greedy(model, ids, MTPDrafter(model), max_new_tokens=20, min_new_tokens=20,
+                                  eos_token_id=model.generation_config.eos_token_id, pad_token_id=0, stats=stats)
+        via_generate = model.generate(ids, max_new_tokens=20, min_new_tokens=20, use_mtp=True, **GREEDY)
+    assert torch.equal(fast, plain) and torch.equal(via_generate, plain)
+    rounds = stats["forwards"] - 1  # after the prompt's forward, one per round of drafts
+    assert 0 < stats["accepted_drafts"] < rounds * num_mtp, stats  # some drafts accepted, some refused
+    assert stats["forwards"] + stats["accepted_drafts"] == 20  # each forward gives one token, each accepted draft one
 
 
 class OracleDrafter:
@@ -112,9 +158,10 @@ def _mtp_greedy_full(model, seq: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def test_mtp_drafts_with_caches_equal_the_uncached_mtp_modules():
-    model = _model(2, seed=3)
-    ids = tokens(CASE, length=6)
+@archs
+def test_mtp_drafts_with_caches_equal_the_uncached_mtp_modules(name):
+    model = _model(2, seed=3, name=name)
+    ids = tokens(BY_NAME[name], length=6)
     drafter = RecordingDrafter(model)
     with torch.no_grad():
         seq = speculative_greedy(model, ids, drafter, max_new_tokens=16, min_new_tokens=16,
@@ -130,9 +177,20 @@ def test_mtp_drafts_with_caches_equal_the_uncached_mtp_modules():
     assert checked == len(drafter.rounds) > 3
 
 
-def test_mtp_loss_matches_a_naive_computation_and_reaches_every_mtp_weight():
-    model = _model(2).train()
-    ids = tokens(CASE, batch=2)
+# Parameters the MTP modules must hold and train: the MTP-only ones, and some of their decoder layer's.
+MTP_PARAMS = {
+    "deepseek_v3": {"enorm.weight", "hnorm.weight", "eh_proj.weight", "embed_tokens.weight", "shared_head.norm.weight",
+                    "shared_head.head.weight", "self_attn.kv_b_proj.weight", "mlp.experts.gate_up_proj"},
+    "minimax_m2": {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                   "shared_head.head.weight", "self_attn.q_norm.weight", "block_sparse_moe.gate.weight",
+                   "block_sparse_moe.experts.gate_up_proj"},
+}
+
+
+@archs
+def test_mtp_loss_matches_a_naive_computation_and_reaches_every_mtp_weight(name):
+    model = _model(2, name=name).train()
+    ids = tokens(BY_NAME[name], batch=2)
     labels = ids.clone()
     labels[0, -3:] = -100
     out = model(ids, labels=labels)
@@ -146,7 +204,8 @@ def test_mtp_loss_matches_a_naive_computation_and_reaches_every_mtp_weight():
         losses, previous = [], hidden
         for k, layer in enumerate(model.mtp_layers, start=1):
             T = ids.shape[1]
-            e = layer.enorm(layer.embed_tokens(ids[:, k:]))
+            embedding = model.model.embed_tokens if name == "minimax_m2" else layer.embed_tokens  # main / own
+            e = layer.enorm(embedding(ids[:, k:]))
             h = layer.hnorm(previous[:, : T - k])
             x = layer.eh_proj(torch.cat([e, h], dim=-1))
             cos, sin = model.model.rotary_emb["default"](x, torch.arange(T - k)[None])
@@ -160,12 +219,12 @@ def test_mtp_loss_matches_a_naive_computation_and_reaches_every_mtp_weight():
 
     out.loss.backward()
     n = model.config.num_hidden_layers
-    mtp_params = [(name, p) for name, p in model.named_parameters()
-                  if name.startswith((f"model.layers.{n}.", f"model.layers.{n + 1}."))]
-    assert {name.split(".", 3)[3] for name, _ in mtp_params} >= {
-        "enorm.weight", "hnorm.weight", "eh_proj.weight", "embed_tokens.weight", "shared_head.norm.weight",
-        "shared_head.head.weight", "self_attn.kv_b_proj.weight", "mlp.experts.gate_up_proj"}
-    no_grad = [name for name, p in mtp_params if p.grad is None or not p.grad.abs().sum() > 0]
+    mtp_params = [(key, p) for key, p in model.named_parameters()
+                  if key.startswith((f"model.layers.{n}.", f"model.layers.{n + 1}."))]
+    held = {key.split(".", 3)[3] for key, _ in mtp_params}
+    assert held >= MTP_PARAMS[name]
+    assert ("embed_tokens.weight" in held) == (name == "deepseek_v3")  # MiniMax-M2's modules hold no embedding
+    no_grad = [key for key, p in mtp_params if p.grad is None or not p.grad.abs().sum() > 0]
     assert not no_grad, f"MTP parameters without gradient: {no_grad}"
     # in eval mode the MTP loss is off unless asked for
     model.eval()

@@ -4,7 +4,10 @@ Source: https://huggingface.co/MiniMaxAI/MiniMax-M2/blob/main/config.json (M2.1 
 The release names partial RoPE by `rotary_dim` (64 of head_dim 128); here it becomes
 `rope_parameters["partial_rotary_factor"]`, as transformers' MiniMaxM2Config converts it. Fields that describe a
 variant this architecture does not implement (lightning attention in `attn_type_list`, softmax scoring, per-head
-QK-norm, a shared expert) are refused by name rather than ignored.
+QK-norm, a shared expert, MTP modules of more than one decoder layer) are refused by name rather than ignored.
+`num_mtp_modules` MTP modules are built after the decoder's layers (the release's 3 by default, as DeepSeek V3's
+config builds its 1); MiniMax publishes no trained MTP weights, so `from_official` loads the official release with
+num_mtp_modules=0. Ours, not in the release: `layer_types`, `mlp_layer_types` (plans), `mtp_loss_weight`.
 """
 
 from __future__ import annotations
@@ -59,10 +62,13 @@ class HfaMiniMaxM2Config(DecoderConfigMixin, PreTrainedConfig):
     scoring_func: str = "sigmoid"
     use_routing_bias: bool = True  # `block_sparse_moe.e_score_correction_bias`
     shared_intermediate_size: int = 0
-    # MTP modules the release declares; loaders expect them as model.layers.<num_hidden_layers + i>, which
-    # from_official skips (no source gives their inner names; see hf_archs/registry.py), so the model holds none.
+    # MTP modules after the decoder's layers, as model.layers.<num_hidden_layers + k> (hf_archs/mtp.py; inner
+    # names from RBLN-SW/vllm-rbln's minimax_m2_mtp.py). The official files store none: from_official sets 0 then.
     num_mtp_modules: int = 3
-    mtp_transformer_layers: int = 1
+    mtp_transformer_layers: int = 1  # decoder layers per MTP module (vllm-rbln builds one; only 1 is supported)
+    # Ours, not in the release: the MTP loss weight in training (MiniMax's is not published; DeepSeek-V3's value
+    # for the end of its training).
+    mtp_loss_weight: float | int = 0.1
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.001  # not in the release; transformers' default, so losses compare
     layer_types: list[str] | None = None
@@ -74,9 +80,9 @@ class HfaMiniMaxM2Config(DecoderConfigMixin, PreTrainedConfig):
     default_theta = 5_000_000.0
 
     def __post_init__(self, **kwargs):
-        # The release's `use_mtp` says MTP modules are stored (num_mtp_modules keeps that). It is not kept as a
-        # field: transformers' generate reads a config's `use_mtp` as "decode with the MTP head", which this model
-        # does not have.
+        # The release's `use_mtp` says MTP modules are declared (num_mtp_modules keeps that). It is not kept as a
+        # field: transformers' generate reads a config's `use_mtp` as "decode with transformers' own MTP path" for
+        # every call; ours is asked for per call, `generate(..., use_mtp=True)` (hf_archs/mtp.py).
         kwargs.pop("use_mtp", None)
         if self.attn_type_list is None:
             self.attn_type_list = [1] * self.num_hidden_layers
@@ -97,6 +103,12 @@ class HfaMiniMaxM2Config(DecoderConfigMixin, PreTrainedConfig):
         if self.shared_intermediate_size:
             raise ConfigError(f"shared_intermediate_size must be 0 (MiniMax-M2 has no shared expert), got "
                               f"{self.shared_intermediate_size}")
+        if self.num_mtp_modules < 0 or self.mtp_loss_weight < 0:
+            raise ConfigError(f"num_mtp_modules ({self.num_mtp_modules}) and mtp_loss_weight "
+                              f"({self.mtp_loss_weight}) must be >= 0")
+        if self.num_mtp_modules and self.mtp_transformer_layers != 1:
+            raise ConfigError(f"mtp_transformer_layers must be 1 (one decoder layer per MTP module, as vllm-rbln's "
+                              f"minimax_m2_mtp.py builds it), got {self.mtp_transformer_layers}")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_local_experts "
                               f"({self.num_local_experts})")

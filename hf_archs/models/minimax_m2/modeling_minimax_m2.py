@@ -11,10 +11,15 @@ How it differs from a plain pre-norm GQA decoder (Llama):
   scores renormalised; no group limit, no routed scaling, no shared expert. Experts are SwiGLU with the release's
   per-expert `w1` (gate) / `w3` (up) / `w2` (down), fused at load into 3-D parameters.
 - The router's logits are computed in the activations' dtype (transformers' port; vLLM computes them in fp32).
-- The config declares `num_mtp_modules` MTP modules, which loaders expect as layers num_hidden_layers.. (vLLM
-  skips them); no source gives their inner tensor names, so they are skipped at load and not built here.
+- `num_mtp_modules` MTP modules follow the decoder in `model.layers` (layers 62-64 of the release's config):
+  DeepSeek's recipe on a MiniMax-M2 decoder layer, with enorm / hnorm / eh_proj (embedding first) and its own
+  shared_head.{norm,head}, reading the main model's embedding; run by `hf_archs/mtp.py` (training loss,
+  `generate(use_mtp=True)`), never by the main forward. The inner tensor names are those of RBLN-SW/vllm-rbln's
+  vllm_rbln/models/minimax_m2_mtp.py (upstream vLLM only skips the layers). MiniMax publishes no trained MTP
+  weights (the official files hold layers 0-61 only): `from_official` then loads with num_mtp_modules=0.
 References: https://github.com/vllm-project/vllm/blob/main/vllm/model_executor/models/minimax_m2.py,
-https://github.com/huggingface/transformers/blob/main/src/transformers/models/minimax_m2/modular_minimax_m2.py
+https://github.com/huggingface/transformers/blob/main/src/transformers/models/minimax_m2/modular_minimax_m2.py,
+https://github.com/RBLN-SW/vllm-rbln/blob/899c5389f674475ca306820affd145560055a683/vllm_rbln/models/minimax_m2_mtp.py
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from transformers.utils.output_capturing import OutputRecorder
 from ...layers import Attention, RMSNorm
 from ...layers.moe import Experts, TopKRouter, act_glu
 from ...modeling_base import HfaPreTrainedModel, MoECausalLM, MoEDecoderModel
+from ...mtp import MTPLayer, MultiTokenPrediction
 from ..glm4_moe.modeling_glm4_moe import sigmoid_grouped_topk_in_slot_order
 from .configuration_minimax_m2 import HfaMiniMaxM2Config
 
@@ -87,9 +93,20 @@ class MiniMaxM2DecoderLayer(GradientCheckpointingLayer):
         return h + self.block_sparse_moe(self.post_attention_layernorm(h))
 
 
+class MiniMaxM2MTPLayer(MTPLayer, MiniMaxM2DecoderLayer):
+    """MiniMax-M2's MTP module `model.layers.{num_hidden_layers + k}` (vllm-rbln's names): a decoder layer plus
+    enorm / hnorm / eh_proj (embedding first) and its own shared_head; the embedding is the main model's (a copy a
+    release stores under the layer is skipped at load, see hf_archs/registry.py)."""
+
+    def __init__(self, config: HfaMiniMaxM2Config, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.add_mtp_modules(config.hidden_size, config.vocab_size,
+                             norm=lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps), embedding=False)
+
+
 class HfaMiniMaxM2PreTrainedModel(HfaPreTrainedModel):
     config_class = HfaMiniMaxM2Config
-    _no_split_modules = ["MiniMaxM2DecoderLayer"]
+    _no_split_modules = ["MiniMaxM2DecoderLayer", "MiniMaxM2MTPLayer"]
     # The release stores the balancing bias in fp32 (vLLM keeps it so); bf16 would round it to 2^-9 near 0.5.
     _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _can_record_outputs = {"hidden_states": MiniMaxM2DecoderLayer,
@@ -99,10 +116,16 @@ class HfaMiniMaxM2PreTrainedModel(HfaPreTrainedModel):
 class HfaMiniMaxM2Model(HfaMiniMaxM2PreTrainedModel, MoEDecoderModel):
     layer_class = MiniMaxM2DecoderLayer
 
+    def make_layers(self, config) -> list[nn.Module]:
+        # The release's layout: the MTP modules continue `layers` after the decoder layers.
+        n = config.num_hidden_layers
+        return [*super().make_layers(config), *(MiniMaxM2MTPLayer(config, n + k)
+                                                for k in range(config.num_mtp_modules))]
 
-class HfaMiniMaxM2ForCausalLM(HfaMiniMaxM2PreTrainedModel, MoECausalLM):
+
+class HfaMiniMaxM2ForCausalLM(HfaMiniMaxM2PreTrainedModel, MultiTokenPrediction, MoECausalLM):
     base_model_class = HfaMiniMaxM2Model
 
 
 __all__ = ["BlockBiasRouter", "HfaMiniMaxM2ForCausalLM", "HfaMiniMaxM2Model", "HfaMiniMaxM2PreTrainedModel",
-           "MiniMaxM2DecoderLayer"]
+           "MiniMaxM2DecoderLayer", "MiniMaxM2MTPLayer"]
