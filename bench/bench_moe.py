@@ -8,7 +8,9 @@ V3's latent and head sizes; the case's dense-prefix / shared-expert / interleave
 
 Three sections:
   MoE table   1x512 prefill and greedy decode ms/token, fp32 and bf16, per architecture (as bench_dense)
-  Llama 4     the same at `--llama4-experts` (128) experts: transformers runs every token through every expert
+  Llama 4     the same at `--llama4-experts` (128) experts: transformers runs every token through every expert;
+              once at the table's widths and once at Maverick's proportions to the hidden size (experts 1.6x,
+              dense layers 3.2x: 819 / 1638 at hidden 512)
   MLA         DeepSeek V3 single-token decode-step time at contexts 64 ... 4096, ours (absorbed decoding, the
               default) against transformers' DeepseekV3 on the same weights; growth t(4096) / t(64); cache bytes
               against the analytic latent size
@@ -97,6 +99,16 @@ def scale_moe(official: dict[str, Any], arch, args: argparse.Namespace, layers: 
     if getattr(args, "max_positions", None):
         text["max_position_embeddings"] = max(text.get("max_position_embeddings") or 0, args.max_positions)
     return official
+
+
+def maverick_widths(hidden: int) -> tuple[int, int]:
+    """(routed-expert width, dense-layer width) in Llama 4 Maverick's proportions to its hidden size (8192 and
+    16384 at 5120: 1.6x and 3.2x), scaled to `hidden`, from the preset transcribed from the release."""
+    from hf_archs.presets import preset
+
+    config = preset("llama-4-maverick")
+    scale = hidden / config.hidden_size
+    return round(config.intermediate_size * scale), round(config.intermediate_size_mlp * scale)
 
 
 def moe_plan(config) -> list[tuple[str, bool, str]]:
@@ -189,7 +201,7 @@ def build(case, arch, args: argparse.Namespace) -> tuple[dict[str, Any], Any, st
 def run_arch(case, arch, args: argparse.Namespace, entry: dict[str, Any]) -> None:
     official, config, note, ref, ours = build(case, arch, args)
     entry.update(note=note, layers=describe(config), official=official, experts=args.experts,
-                 top_k=config.num_experts_per_tok)
+                 top_k=config.num_experts_per_tok, widths=[args.expert_intermediate, args.intermediate])
     log(f"{case.name}: built ({entry['layers']}, {args.experts} experts, top-{config.num_experts_per_tok})")
     entry["params"] = sum(p.numel() for p in ours.parameters())
     entry["work"] = moe_roofline(ours, config, args)
@@ -385,9 +397,11 @@ def markdown(results: dict[str, Any], args: argparse.Namespace) -> str:
             extra.append(f"- {name}: {why}.")
     l4 = [(a, r) for a, r in results["archs"].items() if a.startswith("llama4 @")]
     for a, r in l4:
+        widths = r.get("widths") or [args.expert_intermediate, args.intermediate]
         for dtype, s in r.get("dtypes", {}).items():
-            extra.append(f"- {a} ({dtype}): prefill {s['prefill_ratio']:.1f}x, decode {s['decode_ratio']:.1f}x "
-                         "faster than transformers (which runs every token through every expert).")
+            extra.append(f"- {a} (routed experts {widths[0]} wide, dense layers {widths[1]}; {dtype}): prefill "
+                         f"{s['prefill_ratio']:.1f}x, decode {s['decode_ratio']:.1f}x faster than transformers (which "
+                         "runs every token through every expert).")
     return "\n".join(lines + extra + mla_markdown(results.get("mla") or {}, args)) + "\n"
 
 
@@ -404,6 +418,9 @@ def extend_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-intermediate", type=int, default=256, help="width of each routed expert")
     g.add_argument("--llama4-experts", type=int, default=128, help="experts of the Llama 4 section")
     g.add_argument("--no-llama4", action="store_true", help="skip the Llama 4 section")
+    g.add_argument("--no-llama4-release-widths", action="store_true",
+                   help="skip the Llama 4 run whose expert and dense widths keep Maverick's proportions to the "
+                        "hidden size (1.6x and 3.2x: 819 and 1638 at hidden 512)")
     g = p.add_argument_group("MLA")
     g.add_argument("--kv-lora-rank", type=int, default=512)
     g.add_argument("--q-lora-rank", type=int, default=1536)
@@ -458,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         l4 = copy.copy(args)
         l4.experts = args.llama4_experts
         jobs.append((f"llama4 @{args.llama4_experts} experts", "llama4", l4))
+        if not args.no_llama4_release_widths:
+            wide = copy.copy(l4)
+            wide.expert_intermediate, wide.intermediate = maverick_widths(args.hidden)
+            jobs.append((f"llama4 @{args.llama4_experts} experts, Maverick widths", "llama4", wide))
     failed = []
     for n, (label, name, jargs) in enumerate(jobs):
         if n:  # again between architectures: one more chance of a quiet moment for the ceilings
