@@ -82,6 +82,19 @@ class MTPLayer:
         return head(self.shared_head.norm(hidden))
 
 
+class MTPDecoderLayers:
+    """Mixin for a DecoderModel (before it in the bases): the release's layout, the MTP layers continue `layers`
+    after the decoder's, `mtp_layer_class(config, num_hidden_layers + k)` for k < `config.<mtp_count_field>`."""
+
+    mtp_layer_class: type[nn.Module]
+    mtp_count_field = "num_nextn_predict_layers"
+
+    def make_layers(self, config) -> list[nn.Module]:
+        n = config.num_hidden_layers
+        return [*super().make_layers(config),
+                *(self.mtp_layer_class(config, n + k) for k in range(getattr(config, self.mtp_count_field)))]
+
+
 def _rope_name(model: nn.Module) -> str | None:
     names = list(model.model.rotary_emb.keys())
     return "default" if "default" in names else ("full_attention" if "full_attention" in names else None)

@@ -34,7 +34,7 @@ from ...modeling_base import (
     MoECausalLM,
     MoEDecoderModel,
 )
-from ...mtp import MTPLayer, MultiTokenPrediction
+from ...mtp import MTPDecoderLayers, MTPLayer, MultiTokenPrediction
 from .configuration_deepseek_v3 import HfaDeepseekV3Config
 
 
@@ -141,15 +141,9 @@ class HfaDeepseekV3PreTrainedModel(HfaPreTrainedModel):
         register_checkpoint_conversion_mapping(config.model_type, expert_conversions(), overwrite=True)
 
 
-class HfaDeepseekV3Model(HfaDeepseekV3PreTrainedModel, MoEDecoderModel):
+class HfaDeepseekV3Model(HfaDeepseekV3PreTrainedModel, MTPDecoderLayers, MoEDecoderModel):
     layer_class = DeepseekV3DecoderLayer
     mtp_layer_class = DeepseekV3MTPLayer
-
-    def make_layers(self, config) -> list[nn.Module]:
-        # The release's layout: the MTP layers continue `layers` after the decoder layers.
-        n = config.num_hidden_layers
-        return [*super().make_layers(config), *(self.mtp_layer_class(config, n + k)
-                                                for k in range(config.num_nextn_predict_layers))]
 
     def make_rotary(self, config, rope_parameters: dict) -> RotaryEmbedding:
         # Rotate-half cos/sin over the RoPE part of each head; MLA de-interleaves q_rot / k_rot before applying them.

@@ -29,7 +29,7 @@ from transformers.utils.output_capturing import OutputRecorder
 from ...layers import Attention, GatedMLP, RMSNorm
 from ...layers.moe import Experts, TopKRouter, act_glu
 from ...modeling_base import HfaPreTrainedModel, MoECausalLM, MoEDecoderModel
-from ...mtp import MTPLayer, MultiTokenPrediction
+from ...mtp import MTPDecoderLayers, MTPLayer, MultiTokenPrediction
 from .configuration_glm4_moe import HfaGlm4MoeConfig
 
 
@@ -114,14 +114,9 @@ class HfaGlm4MoePreTrainedModel(HfaPreTrainedModel):
                            "router_logits": OutputRecorder(TopKRouter, index=0)}
 
 
-class HfaGlm4MoeModel(HfaGlm4MoePreTrainedModel, MoEDecoderModel):
+class HfaGlm4MoeModel(HfaGlm4MoePreTrainedModel, MTPDecoderLayers, MoEDecoderModel):
     layer_class = Glm4MoeDecoderLayer
-
-    def make_layers(self, config) -> list[nn.Module]:
-        # The release's layout: the MTP layers continue `layers` after the decoder layers.
-        n = config.num_hidden_layers
-        return [*super().make_layers(config), *(Glm4MoeMTPLayer(config, n + k)
-                                                for k in range(config.num_nextn_predict_layers))]
+    mtp_layer_class = Glm4MoeMTPLayer
 
 
 class HfaGlm4MoeForCausalLM(HfaGlm4MoePreTrainedModel, MultiTokenPrediction, MoECausalLM):

@@ -35,7 +35,7 @@ from transformers.utils.output_capturing import OutputRecorder
 from ...layers import Attention, RMSNorm
 from ...layers.moe import Experts, TopKRouter, act_glu
 from ...modeling_base import HfaPreTrainedModel, MoECausalLM, MoEDecoderModel
-from ...mtp import MTPLayer, MultiTokenPrediction
+from ...mtp import MTPDecoderLayers, MTPLayer, MultiTokenPrediction
 from ..glm4_moe.modeling_glm4_moe import sigmoid_grouped_topk_in_slot_order
 from .configuration_minimax_m2 import HfaMiniMaxM2Config
 
@@ -113,14 +113,10 @@ class HfaMiniMaxM2PreTrainedModel(HfaPreTrainedModel):
                            "router_logits": OutputRecorder(BlockBiasRouter, index=0)}
 
 
-class HfaMiniMaxM2Model(HfaMiniMaxM2PreTrainedModel, MoEDecoderModel):
+class HfaMiniMaxM2Model(HfaMiniMaxM2PreTrainedModel, MTPDecoderLayers, MoEDecoderModel):
     layer_class = MiniMaxM2DecoderLayer
-
-    def make_layers(self, config) -> list[nn.Module]:
-        # The release's layout: the MTP modules continue `layers` after the decoder layers.
-        n = config.num_hidden_layers
-        return [*super().make_layers(config), *(MiniMaxM2MTPLayer(config, n + k)
-                                                for k in range(config.num_mtp_modules))]
+    mtp_layer_class = MiniMaxM2MTPLayer
+    mtp_count_field = "num_mtp_modules"
 
 
 class HfaMiniMaxM2ForCausalLM(HfaMiniMaxM2PreTrainedModel, MultiTokenPrediction, MoECausalLM):
