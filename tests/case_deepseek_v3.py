@@ -64,18 +64,29 @@ def mtp_state(official: dict[str, Any]) -> dict[str, torch.Tensor]:
     )
 
     config = reference_config(official)
+    return seeded_mtp_state(lambda i: {name: t.shape for name, t in DeepseekV3DecoderLayer(config, i).state_dict().items()},
+                            official, official.get("num_nextn_predict_layers", 0), bias_scale=0.05)
+
+
+def seeded_mtp_state(layer_shapes, official: dict[str, Any], count: int, embedding: bool = True,
+                     bias_scale: float = 0.1, bias_suffixes: tuple[str, ...] = ("e_score_correction_bias",)
+                     ) -> dict[str, torch.Tensor]:
+    """Seeded tensors of `count` MTP modules at `model.layers.<num_hidden_layers + k>`: the decoder layer's
+    (`layer_shapes(layer_idx)`: name -> shape) plus enorm / hnorm / eh_proj / shared_head.{norm,head} and, with
+    `embedding`, the module's copy of the embedding. Norm weights near 1, biases named by `bias_suffixes` small."""
     n, hidden, vocab = official["num_hidden_layers"], official["hidden_size"], official["vocab_size"]
     gen = torch.Generator().manual_seed(11)
     state: dict[str, torch.Tensor] = {}
-    for k in range(official.get("num_nextn_predict_layers", 0)):
-        shapes = {name: t.shape for name, t in DeepseekV3DecoderLayer(config, n + k).state_dict().items()}
+    for k in range(count):
+        shapes = dict(layer_shapes(n + k))
         shapes.update({"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
-                       "embed_tokens.weight": (vocab, hidden), "shared_head.norm.weight": (hidden,),
-                       "shared_head.head.weight": (vocab, hidden)})
+                       "shared_head.norm.weight": (hidden,), "shared_head.head.weight": (vocab, hidden)})
+        if embedding:
+            shapes["embed_tokens.weight"] = (vocab, hidden)
         for name in sorted(shapes):
             noise = torch.randn(shapes[name], generator=gen)
-            if name.endswith("e_score_correction_bias"):
-                value = 0.05 * noise
+            if name.endswith(bias_suffixes):
+                value = bias_scale * noise
             elif len(shapes[name]) == 1:
                 value = 1.0 + 0.1 * noise
             else:

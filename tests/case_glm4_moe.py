@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-
+from case_deepseek_v3 import seeded_mtp_state
 from cases import TINY, Case
+from safetensors.torch import save_file
 
 OFFICIAL = dict(TINY, model_type="glm4_moe", architectures=["Glm4MoeForCausalLM"], head_dim=24,
                 partial_rotary_factor=0.5, rope_theta=10000.0, rms_norm_eps=1e-5, attention_bias=True,
@@ -57,24 +57,9 @@ def mtp_state(official: dict[str, Any]) -> dict[str, torch.Tensor]:
     from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeDecoderLayer
 
     config = reference_config(official)
-    n, hidden, vocab = official["num_hidden_layers"], official["hidden_size"], official["vocab_size"]
-    gen = torch.Generator().manual_seed(11)
-    state: dict[str, torch.Tensor] = {}
-    for k in range(official.get("num_nextn_predict_layers", 0)):
-        shapes = {name: t.shape for name, t in Glm4MoeDecoderLayer(config, n + k).state_dict().items()}
-        shapes.update({"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
-                       "embed_tokens.weight": (vocab, hidden), "shared_head.norm.weight": (hidden,),
-                       "shared_head.head.weight": (vocab, hidden)})
-        for name in sorted(shapes):
-            noise = torch.randn(shapes[name], generator=gen)
-            if name.endswith("e_score_correction_bias") or name.endswith(".bias"):
-                value = 0.1 * noise
-            elif len(shapes[name]) == 1:
-                value = 1.0 + 0.1 * noise
-            else:
-                value = 0.08 * noise
-            state[f"model.layers.{n + k}.{name}"] = value
-    return state
+    return seeded_mtp_state(lambda i: {name: t.shape for name, t in Glm4MoeDecoderLayer(config, i).state_dict().items()},
+                            official, official.get("num_nextn_predict_layers", 0),
+                            bias_suffixes=("e_score_correction_bias", ".bias"))
 
 
 def to_ours(official: dict[str, Any]):

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from cases import TINY, Case
+from case_deepseek_v3 import seeded_mtp_state
 from case_glm4_moe import per_expert, set_correction_bias, write_file_release
+from cases import TINY, Case
 
 LAYERS = TINY["num_hidden_layers"]
 OFFICIAL = dict(TINY, model_type="minimax_m2", architectures=["MiniMaxM2ForCausalLM"], head_dim=24, rotary_dim=12,
@@ -53,25 +53,13 @@ def mtp_state(official: dict[str, Any]) -> dict[str, torch.Tensor]:
 
     config = MiniMaxM2Config(**{k: v for k, v in official.items() if k not in ("model_type", "architectures",
                                                                                 "use_mtp")})
-    n, hidden, vocab = official["num_hidden_layers"], official["hidden_size"], official["vocab_size"]
-    gen = torch.Generator().manual_seed(11)
-    state: dict[str, torch.Tensor] = {}
-    for k in range(official.get("num_mtp_modules", 0)):
-        layer = MiniMaxM2DecoderLayer(config, n + k).state_dict()
-        shapes = {name.removeprefix("layer."): t.shape
-                  for name, t in rename_mlp({f"layer.{name}": t for name, t in layer.items()}).items()}
-        shapes.update({"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
-                       "shared_head.norm.weight": (hidden,), "shared_head.head.weight": (vocab, hidden)})
-        for name in sorted(shapes):
-            noise = torch.randn(shapes[name], generator=gen)
-            if name.endswith("e_score_correction_bias"):
-                value = 0.1 * noise
-            elif len(shapes[name]) == 1:
-                value = 1.0 + 0.1 * noise
-            else:
-                value = 0.08 * noise
-            state[f"model.layers.{n + k}.{name}"] = value
-    return state
+
+    def layer_shapes(i: int) -> dict[str, torch.Size]:
+        layer = MiniMaxM2DecoderLayer(config, i).state_dict()
+        return {name.removeprefix("layer."): t.shape
+                for name, t in rename_mlp({f"layer.{name}": t for name, t in layer.items()}).items()}
+
+    return seeded_mtp_state(layer_shapes, official, official.get("num_mtp_modules", 0), embedding=False)
 
 
 def to_ours(official: dict[str, Any]):
