@@ -3,21 +3,16 @@ listed, cells missing from a run left out, and bad input refused with a clear me
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "across_runs.py"
+from helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def across():
-    spec = importlib.util.spec_from_file_location("across_runs", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("across_runs")
 
 
 def _cell(tf_prefill, ours_prefill, tf_decode, ours_decode):

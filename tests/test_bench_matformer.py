@@ -4,21 +4,17 @@ bench/, not tested)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_matformer.py"
+from helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_matformer", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench("bench_matformer")
     threads = torch.get_num_threads()
     yield module
     torch.set_num_threads(threads)  # --threads 1 below: leave the session as it was
