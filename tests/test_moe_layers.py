@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from helpers import max_rel_diff
 
 from hf_archs.layers.moe import (
     Experts,
@@ -92,7 +93,9 @@ def test_fused_experts_equal_a_dense_loop(transposed, interleaved, bias):
 
 
 def test_load_balancing_loss_matches_transformers():
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+        load_balancing_loss_func,
+    )
 
     torch.manual_seed(0)
     logits = tuple(torch.randn(10, 6) for _ in range(3))
@@ -146,4 +149,43 @@ def test_cpu_grouped_experts_give_the_loop_bits_in_inference(dtype, transposed, 
         experts(x[:1], idx[:1, :1], w[:1, :1])  # one expert of 16 used: the loop is cheaper
     x.requires_grad_(True)
     experts(x, idx, w).float().sum().backward()  # with autograd: the loop (torch's CPU backward is not used)
+    assert not calls and x.grad is not None
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "unweighted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed,interleaved,bias", [(False, False, False), (True, True, True)])
+def test_cpu_decoding_rows_go_through_matvec_and_equal_the_loop(transposed, interleaved, bias, dtype, weighted):
+    """Decoding in inference (every routed row has its expert to itself): each row through its expert as two
+    matrix-vector products, equal to the per-expert loop (to rounding in fp32); not taken when an expert gets two
+    rows, past `matvec_rows` rows, or with autograd."""
+    torch.manual_seed(0)
+    e, h, i, t, k = 16, 64, 32, 3, 4
+    glu = clamped_swiglu() if interleaved else act_glu("silu")
+    experts = Experts(e, h, i, glu=glu, transposed=transposed, interleaved=interleaved, bias=bias).to(dtype)
+    if bias:
+        torch.nn.init.normal_(experts.gate_up_proj_bias), torch.nn.init.normal_(experts.down_proj_bias)
+    x = torch.randn(t, h, dtype=dtype)
+    idx = torch.randperm(e)[: t * k].view(t, k)  # three tokens, no expert shared
+    w = torch.rand(t, k, dtype=dtype) if weighted else None
+    calls = []
+    matvec = experts._matvec_expert
+    experts._matvec_expert = lambda row, j: calls.append(j) or matvec(row, j)  # records the experts
+    with torch.inference_mode():
+        fast = experts(x, idx, w)
+    assert sorted(calls) == sorted(idx.flatten().tolist())
+    with torch.inference_mode():
+        experts.expert_forward = functools.partial(Experts.expert_forward, experts)  # forces the loop
+        loop = experts(x, idx, w)
+        del experts.expert_forward
+    assert max_rel_diff(fast.float(), loop.float()) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    calls.clear()
+    shared = idx.clone()
+    shared[1, 0] = shared[0, 0]  # one expert gets two rows: grouped or looped as before
+    with torch.inference_mode():
+        experts(x, shared, w)
+        experts.matvec_rows = t * k - 1
+        experts(x, idx, w)  # more rows than matvec_rows
+        del experts.matvec_rows
+    experts(x.requires_grad_(True), idx, w).float().sum().backward()  # autograd: the loop
     assert not calls and x.grad is not None

@@ -142,7 +142,9 @@ class Experts(nn.Module):
         token_of = order // k
         routed = x[token_of]  # [T * k, H], contiguous per expert
         counts = torch.bincount(flat, minlength=self.num_experts)
-        out = self.grouped_or_none(routed, counts, flat[order])
+        out = self.rows_by_matvec(routed, counts, flat[order])
+        if out is None:
+            out = self.grouped_or_none(routed, counts, flat[order])
         if out is None:
             out = torch.empty_like(routed)
             start = 0
@@ -169,6 +171,41 @@ class Experts(nn.Module):
     def grouped_mm_ok(self) -> bool:
         """torch's grouped matmul needs 16-byte aligned strides: hidden and intermediate sizes multiples of 8."""
         return hasattr(F, "grouped_mm") and self.hidden_size % 8 == 0 and self.intermediate_size % 8 == 0
+
+    matvec_rows = 16  # `rows_by_matvec` up to this many routed rows
+
+    def _plain_inference(self, routed: torch.Tensor) -> bool:
+        """CPU, no autograd, and the class's own per-expert function (no LoRA path replacing it)."""
+        return (routed.device.type == "cpu" and "expert_forward" not in self.__dict__
+                and type(self).expert_forward is Experts.expert_forward
+                and not (torch.is_grad_enabled() and (routed.requires_grad
+                                                      or any(p.requires_grad for p in self.parameters()))))
+
+    def rows_by_matvec(self, routed: torch.Tensor, counts: torch.Tensor,
+                       expert_of_row: torch.Tensor) -> torch.Tensor | None:
+        """Decoding on CPU: when every routed row has its expert to itself (one token; a few tokens sharing no
+        expert), each row through its expert as two matrix-vector products; None otherwise.
+
+        For one row torch's CPU `mm` takes a slower path than `mv`, and the grouped kernel visits every expert,
+        empty or not (one token, top-8 of 32, H 512, I 256: grouped 1.16 ms, this 0.89 ms in fp32; bf16 1.96 ->
+        1.37 ms, the same bits; fp32 differs from `mm` in the last bits, ~1e-7 relative).
+        """
+        if routed.shape[0] > self.matvec_rows or not self._plain_inference(routed) or int(counts.max()) != 1:
+            return None
+        rows = [self._matvec_expert(routed[j], e) for j, e in enumerate(expert_of_row.tolist())]
+        return torch.stack(rows).to(routed.dtype)
+
+    def _matvec_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """`expert_forward` for one row `x` [H]."""
+        gb = None if self.gate_up_proj_bias is None else self.gate_up_proj_bias[e]
+        db = None if self.down_proj_bias is None else self.down_proj_bias[e]
+        gate_up = self._matvec(x, self.gate_up_proj[e], gb)
+        gate, up = (gate_up[0::2], gate_up[1::2]) if self.interleaved else gate_up.chunk(2)
+        return self._matvec(self.glu(gate, up), self.down_proj[e], db)
+
+    def _matvec(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = torch.mv(weight.t() if self.transposed else weight, x)
+        return y if bias is None else y + bias
 
     def grouped_or_none(self, routed: torch.Tensor, counts: torch.Tensor,
                         expert_of_row: torch.Tensor) -> torch.Tensor | None:
