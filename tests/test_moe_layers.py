@@ -117,17 +117,23 @@ def test_expert_load_and_router_module():
     assert logits.shape == (10, 4) and (i == 3).any(dim=-1).all()
 
 
+def _seeded_experts(dtype: torch.dtype, transposed: bool, interleaved: bool, bias: bool) -> Experts:
+    """16 experts, hidden 64, width 32 (seed 0); gpt-oss' clamped SwiGLU when interleaved; random biases."""
+    torch.manual_seed(0)
+    glu = clamped_swiglu() if interleaved else act_glu("silu")
+    experts = Experts(16, 64, 32, glu=glu, transposed=transposed, interleaved=interleaved, bias=bias).to(dtype)
+    if bias:
+        torch.nn.init.normal_(experts.gate_up_proj_bias), torch.nn.init.normal_(experts.down_proj_bias)
+    return experts
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("transposed,interleaved,bias", [(False, False, False), (True, True, True)])
 def test_cpu_grouped_experts_give_the_loop_bits_in_inference(dtype, transposed, interleaved, bias):
     """Without autograd the CPU path runs torch's grouped matmul (when enough experts have tokens): the same bits
     as the per-expert loop; with few experts used, or with gradients, the loop runs."""
-    torch.manual_seed(0)
-    e, h, i, t, k = 16, 64, 32, 40, 4
-    glu = clamped_swiglu() if interleaved else act_glu("silu")
-    experts = Experts(e, h, i, glu=glu, transposed=transposed, interleaved=interleaved, bias=bias).to(dtype)
-    if bias:
-        torch.nn.init.normal_(experts.gate_up_proj_bias), torch.nn.init.normal_(experts.down_proj_bias)
+    e, h, t, k = 16, 64, 40, 4
+    experts = _seeded_experts(dtype, transposed, interleaved, bias)
     x = torch.randn(t, h, dtype=dtype)
     idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
     w = torch.rand(t, k, dtype=dtype)
@@ -159,12 +165,8 @@ def test_cpu_decoding_rows_go_through_matvec_and_equal_the_loop(transposed, inte
     """Decoding in inference (every routed row has its expert to itself): each row through its expert as two
     matrix-vector products, equal to the per-expert loop (to rounding in fp32); not taken when an expert gets two
     rows, past `matvec_rows` rows, or with autograd."""
-    torch.manual_seed(0)
-    e, h, i, t, k = 16, 64, 32, 3, 4
-    glu = clamped_swiglu() if interleaved else act_glu("silu")
-    experts = Experts(e, h, i, glu=glu, transposed=transposed, interleaved=interleaved, bias=bias).to(dtype)
-    if bias:
-        torch.nn.init.normal_(experts.gate_up_proj_bias), torch.nn.init.normal_(experts.down_proj_bias)
+    e, h, t, k = 16, 64, 3, 4
+    experts = _seeded_experts(dtype, transposed, interleaved, bias)
     x = torch.randn(t, h, dtype=dtype)
     idx = torch.randperm(e)[: t * k].view(t, k)  # three tokens, no expert shared
     w = torch.rand(t, k, dtype=dtype) if weighted else None
