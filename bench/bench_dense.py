@@ -757,6 +757,20 @@ def write_results(args: argparse.Namespace, results: dict[str, Any], table: str)
         log(f"wrote {args.out} and {json_path}")
 
 
+def finish_run(args: argparse.Namespace, results: dict[str, Any], ceiling_runs: dict[str, list], markdown,
+               failed: list[str]) -> int:
+    """The end of a table benchmark: last ceilings, the table and raw numbers written, the exit status (1 when an
+    architecture or section failed)."""
+    finish_ceilings(results, ceiling_runs, args)
+    results["wall_s"] = time.perf_counter() - T0
+    write_results(args, results, markdown(results, args))
+    log(f"total {results['wall_s']:.0f} s")
+    if failed:
+        log(f"FAILED: {failed}")
+        return 1
+    return 0
+
+
 def parse_args(argv: list[str] | None = None, extend=None) -> argparse.Namespace:
     """The options; `extend(parser)` (other benchmarks: bench_moe.py) may add options and change the texts and
     defaults before parsing."""
@@ -909,13 +923,7 @@ def main(argv: list[str] | None = None) -> int:
             entry["error"] = msg
             failed.append(name)
 
-    finish_ceilings(results, ceiling_runs, args)
-    results["wall_s"] = time.perf_counter() - T0
-    write_results(args, results, markdown(results, args))
-    if failed:
-        log(f"FAILED: {failed}")
-        return 1
-    return 0
+    return finish_run(args, results, ceiling_runs, markdown, failed)
 
 
 if __name__ == "__main__":

@@ -509,15 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         if any("error" in c for c in results["mla"].get("contexts", {}).values()):
             failed.append("mla parity")
 
-    bd.finish_ceilings(results, ceiling_runs, args)
-    table = markdown(results, args)
-    results["wall_s"] = time.perf_counter() - bd.T0
-    bd.write_results(args, results, table)
-    log(f"total {time.perf_counter() - bd.T0:.0f} s")
-    if failed:
-        log(f"FAILED: {failed}")
-        return 1
-    return 0
+    return bd.finish_run(args, results, ceiling_runs, markdown, failed)
 
 
 if __name__ == "__main__":
