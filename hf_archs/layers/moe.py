@@ -174,12 +174,10 @@ class Experts(nn.Module):
 
     matvec_rows = 16  # `rows_by_matvec` up to this many routed rows
 
-    def _plain_inference(self, routed: torch.Tensor) -> bool:
-        """CPU, no autograd, and the class's own per-expert function (no LoRA path replacing it)."""
-        return (routed.device.type == "cpu" and "expert_forward" not in self.__dict__
-                and type(self).expert_forward is Experts.expert_forward
-                and not (torch.is_grad_enabled() and (routed.requires_grad
-                                                      or any(p.requires_grad for p in self.parameters()))))
+    def _no_autograd(self, routed: torch.Tensor) -> bool:
+        """Nothing here is tracked by autograd (inference, generate)."""
+        return not (torch.is_grad_enabled() and (routed.requires_grad
+                                                 or any(p.requires_grad for p in self.parameters())))
 
     def rows_by_matvec(self, routed: torch.Tensor, counts: torch.Tensor,
                        expert_of_row: torch.Tensor) -> torch.Tensor | None:
@@ -190,7 +188,9 @@ class Experts(nn.Module):
         empty or not (one token, top-8 of 32, H 512, I 256: grouped 1.16 ms, this 0.89 ms in fp32; bf16 1.96 ->
         1.37 ms, the same bits; fp32 differs from `mm` in the last bits, ~1e-7 relative).
         """
-        if routed.shape[0] > self.matvec_rows or not self._plain_inference(routed) or int(counts.max()) != 1:
+        if (routed.shape[0] > self.matvec_rows or routed.device.type != "cpu" or "expert_forward" in self.__dict__
+                or type(self).expert_forward is not Experts.expert_forward or not self._no_autograd(routed)
+                or int(counts.max()) != 1):
             return None
         rows = [self._matvec_expert(routed[j], e) for j, e in enumerate(expert_of_row.tolist())]
         return torch.stack(rows).to(routed.dtype)
@@ -222,8 +222,7 @@ class Experts(nn.Module):
         if not self.grouped_mm_ok() or "expert_forward" in self.__dict__:
             return None
         if not routed.is_cuda:
-            if (routed.device.type, routed.dtype) in _GROUPED_MM_REFUSED or (torch.is_grad_enabled() and (
-                    routed.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            if (routed.device.type, routed.dtype) in _GROUPED_MM_REFUSED or not self._no_autograd(routed):
                 return None
             if 8 * int((counts > 0).sum()) < self.num_experts:  # few experts used: looping over them is cheaper
                 return None
