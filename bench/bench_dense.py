@@ -437,6 +437,17 @@ def attended_pairs(config, layer_idx: int, q_positions: range) -> int:
     return total
 
 
+def decode_context(config, args: argparse.Namespace, layer: int) -> float:
+    """Tokens layer `layer` attends at the mean context of a timed decode step: the window or chunk bounds it."""
+    ctx = args.prompt_len + (args.decode_steps + 1) / 2
+    kind = config.layer_types[layer]
+    if kind == "sliding_attention" and getattr(config, "sliding_window", None):
+        ctx = min(ctx, config.sliding_window)
+    if kind == "chunked_attention" and getattr(config, "attention_chunk_size", None):
+        ctx = min(ctx, config.attention_chunk_size)
+    return ctx
+
+
 def roofline_model(ours: nn.Module, config, args: argparse.Namespace) -> dict[str, Any]:
     """Useful work per measurement: prefill FLOPs and bytes read per decode step (per element size 1)."""
     decoder = linear_params(ours.model)
@@ -447,13 +458,7 @@ def roofline_model(ours: nn.Module, config, args: argparse.Namespace) -> dict[st
     # 2 FLOPs per multiply-add; the head runs on one position only (logits_to_keep=1); QK^T and PV: 2 * 2 * d per pair.
     prefill_flops = 2 * decoder * T + 2 * head + 4 * heads * hd * attn_pairs
     # Decode: every linear weight once per token (the head included), plus the KV cache at the mean context.
-    mean_ctx = args.prompt_len + (args.decode_steps + 1) / 2
-    kv_elems = 0
-    for i in range(config.num_hidden_layers):
-        ctx = mean_ctx
-        if config.layer_types[i] == "sliding_attention" and getattr(config, "sliding_window", None):
-            ctx = min(ctx, config.sliding_window)
-        kv_elems += 2 * kv_heads * hd * ctx
+    kv_elems = sum(2 * kv_heads * hd * decode_context(config, args, i) for i in range(config.num_hidden_layers))
     return {"decoder_linear_params": decoder, "lm_head_params": head,
             "embedding_params": ours.model.embed_tokens.weight.numel(), "attention_pairs_prefill": attn_pairs,
             "prefill_flops": prefill_flops, "decode_weight_elems": decoder + head, "decode_kv_elems": kv_elems}

@@ -163,16 +163,8 @@ def moe_roofline(ours: nn.Module, config, args: argparse.Namespace) -> dict[str,
     T = args.prefill_len
     pairs = sum(bd.attended_pairs(config, i, range(T)) for i in range(config.num_hidden_layers))
     prefill_flops = 2 * (dense + per_token_experts) * T + 2 * head + 2 * heads * (qk + v) * pairs
-    mean_ctx = args.prompt_len + (args.decode_steps + 1) / 2
-    kv = 0
-    for i in range(config.num_hidden_layers):
-        ctx = mean_ctx
-        if config.layer_types[i] == "sliding_attention" and getattr(config, "sliding_window", None):
-            ctx = min(ctx, config.sliding_window)
-        if config.layer_types[i] == "chunked_attention" and getattr(config, "attention_chunk_size", None):
-            ctx = min(ctx, config.attention_chunk_size)
-        kv += ctx * ((config.kv_lora_rank + config.qk_rope_head_dim) if mla
-                     else 2 * config.num_key_value_heads * config.head_dim)
+    per_token = (config.kv_lora_rank + config.qk_rope_head_dim) if mla else 2 * config.num_key_value_heads * config.head_dim
+    kv = sum(bd.decode_context(config, args, i) * per_token for i in range(config.num_hidden_layers))
     return {"decoder_linear_params": dense, "routed_expert_params_per_token": per_token_experts,
             "routed_expert_params": sum(e.gate_up_proj.numel() + e.down_proj.numel() for e in experts),
             "lm_head_params": head, "attention_pairs_prefill": pairs, "prefill_flops": prefill_flops,
