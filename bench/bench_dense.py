@@ -549,6 +549,43 @@ def time_pair(ref: nn.Module, ours: nn.Module, config, args: argparse.Namespace)
     return raw
 
 
+def gate_and_time(name: str, ref: nn.Module, ours: nn.Module, config, args: argparse.Namespace,
+                  entry: dict[str, Any]) -> None:
+    """The fp32 parity gate (a failure names the first diverging layer and nothing is timed), then for each dtype
+    the informational agreement, the interleaved timings (`time_pair`) and, with --profile, the profiler tables;
+    all recorded in `entry`."""
+    gen = torch.Generator().manual_seed(3)
+    check_ids = torch.randint(3, text_vocab(config), (1, args.prefill_len), generator=gen)
+    entry["parity_fp32"] = parity = check_parity(ref, ours, check_ids, args.prompt_len)
+    log(f"{name}: fp32 parity {parity}")
+    if max(parity.values()) > PARITY_TOL:
+        from helpers import first_divergence
+
+        with torch.inference_mode():
+            where = first_divergence(ours, ref, check_ids[:, :64], tol=PARITY_TOL)
+        raise RuntimeError(f"PARITY FAILED: ours and transformers differ (max rel diff "
+                           f"{max(parity.values()):.2e} > {PARITY_TOL:g}); {where}. Not timed.")
+    entry["parity"], entry["dtypes"], entry["profile"] = {}, {}, {}
+    for dtype in args.dtypes:
+        r, o = (copy.deepcopy(m).to(DTYPES[dtype]) for m in (ref, ours))
+        if dtype != "fp32":
+            entry["parity"][dtype] = check_parity(r, o, check_ids, args.prompt_len)
+            log(f"{name}: {dtype} agreement (informational) {entry['parity'][dtype]}")
+        log(f"{name}: timing {dtype}")
+        entry["dtypes"][dtype] = {"raw": (raw := time_pair(r, o, config, args))}
+        p = [min(raw[w]["prefill_s"]) * 1e3 for w in ("transformers", "ours")]
+        d = [min(raw[w]["decode_s_per_token"]) * 1e3 for w in ("transformers", "ours")]
+        log(f"{name} {dtype}: prefill {p[0]:.1f} / {p[1]:.1f} ms ({p[0] / p[1]:.2f}x), decode "
+            f"{d[0]:.2f} / {d[1]:.2f} ms/token ({d[0] / d[1]:.2f}x)  [transformers / ours]")
+        if args.profile:
+            for label, m in (("transformers", r), ("ours", o)):
+                table = profile_decode(m, config, args)
+                entry["profile"][f"{dtype}/{label}"] = table
+                print(f"\n=== {name} {dtype} {label}: 8 decode steps ===\n{table}", file=sys.stderr)
+        del r, o
+        gc.collect()
+
+
 def profile_decode(model: nn.Module, config, args: argparse.Namespace, steps: int = 8) -> str:
     """torch.profiler table of `steps` single-token forwards after a prompt (per-step averages in the total)."""
     from torch.profiler import ProfilerActivity, profile
@@ -889,36 +926,7 @@ def main(argv: list[str] | None = None) -> int:
             ref, ours = build_pair(case, arch, official, config, args.attn)
             entry["params"] = sum(p.numel() for p in ours.parameters())
             entry["work"] = roofline_model(ours, config, args)
-            gen = torch.Generator().manual_seed(3)
-            check_ids = torch.randint(3, text_vocab(config), (1, args.prefill_len), generator=gen)
-            entry["parity_fp32"] = parity = check_parity(ref, ours, check_ids, args.prompt_len)
-            log(f"{name}: fp32 parity {parity}")
-            if max(parity.values()) > PARITY_TOL:
-                from helpers import first_divergence
-
-                with torch.inference_mode():
-                    where = first_divergence(ours, ref, check_ids[:, :64], tol=PARITY_TOL)
-                raise RuntimeError(f"PARITY FAILED: ours and transformers differ (max rel diff "
-                                   f"{max(parity.values()):.2e} > {PARITY_TOL:g}); {where}. Not timed.")
-            entry["parity"], entry["dtypes"], entry["profile"] = {}, {}, {}
-            for dtype in args.dtypes:
-                r, o = (copy.deepcopy(m).to(DTYPES[dtype]) for m in (ref, ours))
-                if dtype != "fp32":
-                    entry["parity"][dtype] = check_parity(r, o, check_ids, args.prompt_len)
-                    log(f"{name}: {dtype} agreement (informational) {entry['parity'][dtype]}")
-                log(f"{name}: timing {dtype}")
-                entry["dtypes"][dtype] = {"raw": (raw := time_pair(r, o, config, args))}
-                p = [min(raw[w]["prefill_s"]) * 1e3 for w in ("transformers", "ours")]
-                d = [min(raw[w]["decode_s_per_token"]) * 1e3 for w in ("transformers", "ours")]
-                log(f"{name} {dtype}: prefill {p[0]:.1f} / {p[1]:.1f} ms ({p[0] / p[1]:.2f}x), decode "
-                    f"{d[0]:.2f} / {d[1]:.2f} ms/token ({d[0] / d[1]:.2f}x)  [transformers / ours]")
-                if args.profile:
-                    for label, m in (("transformers", r), ("ours", o)):
-                        table = profile_decode(m, config, args)
-                        entry["profile"][f"{dtype}/{label}"] = table
-                        print(f"\n=== {name} {dtype} {label}: 8 decode steps ===\n{table}", file=sys.stderr)
-                del r, o
-                gc.collect()
+            gate_and_time(name, ref, ours, config, args, entry)
             del ref, ours
             gc.collect()
         except Exception as err:  # noqa: BLE001 - one broken architecture must not lose the others' numbers

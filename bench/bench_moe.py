@@ -197,36 +197,7 @@ def run_arch(case, arch, args: argparse.Namespace, entry: dict[str, Any]) -> Non
     log(f"{case.name}: built ({entry['layers']}, {args.experts} experts, top-{config.num_experts_per_tok})")
     entry["params"] = sum(p.numel() for p in ours.parameters())
     entry["work"] = moe_roofline(ours, config, args)
-    gen = torch.Generator().manual_seed(3)
-    check_ids = torch.randint(3, bd.text_vocab(config), (1, args.prefill_len), generator=gen)
-    entry["parity_fp32"] = parity = bd.check_parity(ref, ours, check_ids, args.prompt_len)
-    log(f"{case.name}: fp32 parity {parity}")
-    if max(parity.values()) > bd.PARITY_TOL:
-        from helpers import first_divergence
-
-        with torch.inference_mode():
-            where = first_divergence(ours, ref, check_ids[:, :64], tol=bd.PARITY_TOL)
-        raise RuntimeError(f"PARITY FAILED: ours and transformers differ (max rel diff {max(parity.values()):.2e} "
-                           f"> {bd.PARITY_TOL:g}); {where}. Not timed.")
-    entry["parity"], entry["dtypes"], entry["profile"] = {}, {}, {}
-    for dtype in args.dtypes:
-        r, o = (copy.deepcopy(m).to(bd.DTYPES[dtype]) for m in (ref, ours))
-        if dtype != "fp32":
-            entry["parity"][dtype] = bd.check_parity(r, o, check_ids, args.prompt_len)
-            log(f"{case.name}: {dtype} agreement (informational) {entry['parity'][dtype]}")
-        log(f"{case.name}: timing {dtype}")
-        entry["dtypes"][dtype] = {"raw": (raw := bd.time_pair(r, o, config, args))}
-        p = [min(raw[w]["prefill_s"]) * 1e3 for w in ("transformers", "ours")]
-        d = [min(raw[w]["decode_s_per_token"]) * 1e3 for w in ("transformers", "ours")]
-        log(f"{case.name} {dtype}: prefill {p[0]:.1f} / {p[1]:.1f} ms ({p[0] / p[1]:.2f}x), decode "
-            f"{d[0]:.2f} / {d[1]:.2f} ms/token ({d[0] / d[1]:.2f}x)  [transformers / ours]")
-        if args.profile:
-            for label, m in (("transformers", r), ("ours", o)):
-                table = bd.profile_decode(m, config, args)
-                entry["profile"][f"{dtype}/{label}"] = table
-                print(f"\n=== {case.name} {dtype} {label}: 8 decode steps ===\n{table}", file=sys.stderr)
-        del r, o
-        gc.collect()
+    bd.gate_and_time(case.name, ref, ours, config, args, entry)
 
 
 # --------------------------------------------------------------------------------------------------------------
