@@ -799,6 +799,15 @@ def write_results(args: argparse.Namespace, results: dict[str, Any], table: str)
         log(f"wrote {args.out} and {json_path}")
 
 
+def record_abort(label: str, err: Exception, entry: dict[str, Any], failed: list[str]) -> None:
+    """One architecture failed: log it with its traceback, keep the error in its entry, count it as failed."""
+    msg = f"{type(err).__name__}: {err}"
+    log(f"!!!!! {label}: ABORTED: {msg}")
+    traceback.print_exc()
+    entry["error"] = msg
+    failed.append(label)
+
+
 def finish_run(args: argparse.Namespace, results: dict[str, Any], ceiling_runs: dict[str, list], markdown,
                failed: list[str]) -> int:
     """The end of a table benchmark: last ceilings, the table and raw numbers written, the exit status (1 when an
@@ -930,11 +939,7 @@ def main(argv: list[str] | None = None) -> int:
             del ref, ours
             gc.collect()
         except Exception as err:  # noqa: BLE001 - one broken architecture must not lose the others' numbers
-            msg = f"{type(err).__name__}: {err}"
-            log(f"!!!!! {name}: ABORTED: {msg}")
-            traceback.print_exc()
-            entry["error"] = msg
-            failed.append(name)
+            record_abort(name, err, entry, failed)
 
     return finish_run(args, results, ceiling_runs, markdown, failed)
 

@@ -455,11 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_arch(by_name[name], hf_archs.ARCHITECTURES[name], jargs, entry)
         except Exception as err:  # noqa: BLE001 - one broken architecture must not lose the others' numbers
-            msg = f"{type(err).__name__}: {err}"
-            log(f"!!!!! {label}: ABORTED: {msg}")
-            traceback.print_exc()
-            entry["error"] = msg
-            failed.append(label)
+            bd.record_abort(label, err, entry, failed)
         gc.collect()
     if not args.no_mla and args.mla_arch in by_name:
         try:
