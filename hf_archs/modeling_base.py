@@ -257,10 +257,19 @@ class MoECausalLM(CausalLM):
     `n_routed_experts`, and DeepSeek's `seq_aux` where the config has it.
     """
 
-    def forward(self, *args: Any, output_router_logits: bool | None = None, **kwargs: Any) -> MoeCausalLMOutputWithPast:
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                output_router_logits: bool | None = None, **kwargs: Any) -> MoeCausalLMOutputWithPast:
+        # Every argument is named (no *args): `generate` reads the signature, and passes `logits_to_keep=1` to
+        # the prompt's forward only when it finds that name there.
         if output_router_logits is None:
             output_router_logits = getattr(self.config, "output_router_logits", False)
-        return super().forward(*args, output_router_logits=output_router_logits, **kwargs)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                               logits_to_keep=logits_to_keep, output_router_logits=output_router_logits, **kwargs)
 
     @property
     def num_routed_experts(self) -> int:

@@ -130,7 +130,8 @@ class MultiTokenPrediction:
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache=None, inputs_embeds: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, mtp_loss_weight: float | None = None, **kwargs: Any):
+                labels: torch.LongTensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                mtp_loss_weight: float | None = None, **kwargs: Any):
         if mtp_loss_weight is None:
             mtp_loss_weight = self.config.mtp_loss_weight if self.training else 0.0
         need = labels is not None and mtp_loss_weight > 0 and bool(self.mtp_layers)
@@ -138,7 +139,8 @@ class MultiTokenPrediction:
         if need and not asked:
             kwargs["output_hidden_states"] = -1  # keeps only the last (normed) hidden state
         out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              cache=cache, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+                              cache=cache, inputs_embeds=inputs_embeds, labels=labels, logits_to_keep=logits_to_keep,
+                              **kwargs)
         if not need:
             return out
         mtp_loss = self.mtp_loss(out.hidden_states[-1], labels, input_ids, inputs_embeds, attention_mask, position_ids)

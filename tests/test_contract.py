@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -163,6 +164,27 @@ def test_generate_keeps_only_the_window_on_windowed_layers(case):
         else:
             assert kept == total
 
+
+
+@params
+def test_generate_computes_the_prompts_logits_at_its_last_position_only(case):
+    """`generate` asks the prompt's forward for the last position's logits only (`logits_to_keep=1`) when the
+    model's `forward` names that argument: the head never builds [prompt x vocab] logits it throws away."""
+    ours = ours_from(case, reference(case))
+    rows = []
+    hook = ours.lm_head.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[-2]))
+    with torch.no_grad():
+        ours.generate(tokens(case, length=6), max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    hook.remove()
+    assert rows == [1, 1, 1]
+
+
+@pytest.mark.parametrize("name", sorted(hf_archs.ARCHITECTURES))
+def test_every_causal_lm_forward_names_logits_to_keep(name):
+    """What `generate` reads (`_supports_logits_to_keep`: the signature), for every registered class, the ones
+    without a transformers twin (Grok 2.5) included."""
+    cls = hf_archs.ARCHITECTURES[name].causal_lm_class
+    assert "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 @params
 @pytest.mark.parametrize("checkpointing", [False, True])
