@@ -143,7 +143,7 @@ class Experts(nn.Module):
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         token_of = order // k
-        routed = x[token_of]  # [T * k, H], contiguous per expert
+        routed = x.index_select(0, token_of)  # [T * k, H], contiguous per expert (index_select: a row copy)
         counts = torch.bincount(flat, minlength=self.num_experts)
         out = self.grouped_or_none(routed, counts, flat[order])
         if out is None:
@@ -162,10 +162,11 @@ class Experts(nn.Module):
         if top_k_weights is None:
             return torch.zeros_like(x).index_add_(0, token_of, out)
         if self.slot_sum:
-            weighted = out * top_k_weights.reshape(-1)[order, None]  # promotes to the weights' dtype
-            unsorted = torch.empty_like(weighted)
-            unsorted[order] = weighted  # back to [token, slot] order
-            return unsorted.view(x.shape[0], top_k_weights.shape[-1], -1).sum(dim=1).to(x.dtype)
+            slot_of = torch.empty_like(order)
+            slot_of[order] = torch.arange(order.numel(), device=order.device)  # row of each [token, slot]
+            unsorted = out.index_select(0, slot_of)  # back to [token, slot] order
+            weighted = unsorted * top_k_weights.reshape(-1, 1)  # promotes to the weights' dtype
+            return weighted.view(x.shape[0], top_k_weights.shape[-1], -1).sum(dim=1).to(x.dtype)
         out = out * top_k_weights.reshape(-1)[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out)
 
