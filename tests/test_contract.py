@@ -110,6 +110,22 @@ def test_left_padded_batch_equals_each_alone(case):
 
 
 @params
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(case):
+    ours = ours_from(case, reference(case))
+    long, short = tokens(case, length=8, seed=2)[0], tokens(case, length=5, seed=3)[0]
+    pad = long.numel() - short.numel()
+    ids = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    kw = dict(max_new_tokens=SEQ_LEN - 8, min_new_tokens=SEQ_LEN - 8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        batch = ours.generate(ids, attention_mask=mask, **kw)
+        alone = [ours.generate(p[None], **kw)[0] for p in (long, short)]
+    assert torch.equal(batch[0], alone[0])
+    assert torch.equal(batch[1, pad:], alone[1])
+
+
+@params
 def test_eager_equals_sdpa(case):
     ref = reference(case)
     eager, sdpa = ours_from(case, ref, "eager"), ours_from(case, ref, "sdpa")
@@ -180,11 +196,12 @@ def test_generate_computes_the_prompts_logits_at_its_last_position_only(case):
 
 
 @pytest.mark.parametrize("name", sorted(hf_archs.ARCHITECTURES))
-def test_every_causal_lm_forward_names_logits_to_keep(name):
-    """What `generate` reads (`_supports_logits_to_keep`: the signature), for every registered class, the ones
-    without a transformers twin (Grok 2.5) included."""
-    cls = hf_archs.ARCHITECTURES[name].causal_lm_class
-    assert "logits_to_keep" in inspect.signature(cls.forward).parameters
+def test_every_causal_lm_forward_names_what_generate_looks_for(name):
+    """`generate` reads the forward's signature: it passes `logits_to_keep=1` to the prompt's step, builds the
+    attention mask and the position ids (left padding) only for a forward that names them. Every registered class,
+    the ones without a transformers twin (Grok 2.5) included."""
+    params = inspect.signature(hf_archs.ARCHITECTURES[name].causal_lm_class.forward).parameters
+    assert {"logits_to_keep", "attention_mask", "position_ids"} <= set(params)
 
 @params
 @pytest.mark.parametrize("checkpointing", [False, True])
