@@ -117,7 +117,7 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(case):
     ids = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
     mask = torch.ones_like(ids)
     mask[1, :pad] = 0
-    kw = dict(max_new_tokens=SEQ_LEN - 8, min_new_tokens=SEQ_LEN - 8, do_sample=False, pad_token_id=0)
+    kw = {"max_new_tokens": SEQ_LEN - 8, "min_new_tokens": SEQ_LEN - 8, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         batch = ours.generate(ids, attention_mask=mask, **kw)
         alone = [ours.generate(p[None], **kw)[0] for p in (long, short)]

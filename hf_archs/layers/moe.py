@@ -139,7 +139,7 @@ class Experts(nn.Module):
         fast = self.rows_by_matvec(x, top_k_index, top_k_weights)
         if fast is not None:
             return fast
-        tokens, k = top_k_index.shape
+        k = top_k_index.shape[1]
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         token_of = order // k
