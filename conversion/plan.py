@@ -153,17 +153,34 @@ def _prefix_pattern(prefix: str) -> re.Pattern[str]:
     return re.compile(r"[^.]+".join(re.escape(part) for part in prefix.split("*")))
 
 
-def skip_reason(arch: Architecture, name: str) -> str | None:
-    """The reason of the declared rule that skips an official tensor name, or None."""
+def skip_reason(arch: Architecture, name: str, decoder_layers: int | None = None) -> str | None:
+    """The reason of the declared rule that skips an official tensor name, or None.
+
+    With `decoder_layers` (the config's `num_hidden_layers`) and an architecture with MTP modules after its
+    decoder (`optional_mtp`), a rule never skips a name under one of the decoder's own layers: those rules are for
+    the MTP layers (MiniMax-M2's embedding copy), and such a tensor under a decoder layer is unexpected.
+    """
     for prefix, reason in arch.skip_keys:
         if name.startswith(prefix) if "*" not in prefix else _prefix_pattern(prefix).match(name):
+            if decoder_layers is not None and arch.optional_mtp is not None:
+                index = layer_index(name, arch.optional_mtp[0])
+                if index is not None and index < decoder_layers:
+                    continue
             return reason
     return None
 
 
-def map_name(arch: Architecture, name: str) -> str | None:
-    """Our tensor name for an official one, or None when a declared rule skips it."""
-    if skip_reason(arch, name) is not None:
+def layer_index(name: str, prefix: str) -> int | None:
+    """i of a tensor name under `<prefix><i>.` (`model.layers.` say), or None."""
+    if not name.startswith(prefix):
+        return None
+    index = name[len(prefix):].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+def map_name(arch: Architecture, name: str, decoder_layers: int | None = None) -> str | None:
+    """Our tensor name for an official one, or None when a declared rule skips it (`skip_reason`)."""
+    if skip_reason(arch, name, decoder_layers) is not None:
         return None
     for pattern, repl in arch.key_renames:
         new, n = re.subn(pattern, repl, name, count=1)
@@ -173,10 +190,10 @@ def map_name(arch: Architecture, name: str) -> str | None:
 
 
 def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logical: dict[str, Producer],
-                 optional: Iterable[str] = (), model_name: str = "the model"
+                 optional: Iterable[str] = (), model_name: str = "the model", decoder_layers: int | None = None
                  ) -> tuple[dict[str, Producer], dict[str, int]]:
     """Map the release's logical tensors onto `expected` (our name -> shape). Raises on any problem.
-    Returns the plan and the count of tensors skipped per declared reason."""
+    Returns the plan and the count of tensors skipped per declared reason. `decoder_layers`: see `skip_reason`."""
     def fusion(module: str, rest: str) -> tuple[int, FuseExperts] | None:
         """(source index, rule) of a per-expert tensor `<module>.<e>.<rest>`: the rule's module must end the name."""
         for rule in arch.fuse_experts:
@@ -191,11 +208,11 @@ def plan_tensors(arch: Architecture, expected: dict[str, tuple[int, ...]], logic
     skipped: dict[str, int] = {}
     names: dict[int, str] = {}  # id(producer) -> official name, for per-expert messages
     for name, prod in logical.items():
-        reason = skip_reason(arch, name)
+        reason = skip_reason(arch, name, decoder_layers)
         if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
-        ours = map_name(arch, name)
+        ours = map_name(arch, name, decoder_layers)
         if prod.dequantized and ours.rsplit(".", 1)[-1] in transposed:
             # Quantized storage is [.., out, in]; this architecture keeps the tensor as [.., in, out].
             prod = Producer((*prod.shape[:-2], prod.shape[-1], prod.shape[-2]), prod.sources,

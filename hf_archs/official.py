@@ -85,7 +85,8 @@ def prepare(path: str | os.PathLike, format: str | None = None, allow_pickle: bo
         model = arch.causal_lm_class(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     optional = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    plan, skipped = plan_tensors(arch, expected, logical, optional, type(model).__name__)
+    plan, skipped = plan_tensors(arch, expected, logical, optional, type(model).__name__,
+                                 decoder_layers=getattr(config, "num_hidden_layers", None))
     return Prepared(root, fmt.name, official, arch, config, model, plan, skipped, sources, notes, logical)
 
 
@@ -158,12 +159,9 @@ def fp32_names(model: torch.nn.Module, names, dtype: torch.dtype) -> set[str]:
 def stores_layers_after(names: Iterable[str], prefix: str, num_layers: int) -> bool:
     """Whether any of a release's tensor names is under `<prefix><i>.` with i >= num_layers (MTP modules kept
     after the decoder's layers)."""
-    for name in names:
-        if name.startswith(prefix):
-            index = name[len(prefix):].split(".", 1)[0]
-            if index.isdigit() and int(index) >= num_layers:
-                return True
-    return False
+    from conversion.plan import layer_index
+
+    return any((index := layer_index(name, prefix)) is not None and index >= num_layers for name in names)
 
 
 def map_name(arch: Architecture, name: str) -> str | None:

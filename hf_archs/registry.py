@@ -38,7 +38,9 @@ class Architecture:
     `key_renames`: (regex, replacement) pairs tried in order on every tensor name of a release; the first that
     matches is applied (once).
     `skip_keys`: (official prefix, reason) for tensors deliberately not loaded (a vision tower, say); a `*`
-    component of the prefix stands for any one name component (`model.layers.*.embed_tokens.`).
+    component of the prefix stands for any one name component (`model.layers.*.embed_tokens.`). Where the
+    architecture has `optional_mtp`, no rule skips a name under one of the decoder's own layers (those rules are
+    for the MTP layers; such a tensor under a decoder layer is unexpected).
     `optional_mtp`: (layer prefix, config field) where the config declares MTP modules kept after the decoder
     (`<prefix><num_hidden_layers + k>.*`) that a release may leave out: a release storing no tensor under
     `<prefix><i>.` for any i >= num_hidden_layers loads with the field set to 0 (logged); one storing any of them

@@ -298,7 +298,10 @@ def _tampered(root: Path, edit) -> Path:
      r"unexpected tensors: .*model\.layers\.6\.eh_proj\.weight"),
     (lambda t: t.__setitem__("model.layers.4.eh_proj.weight", t["model.layers.4.eh_proj.weight"][:, :64].clone()),
      r"mis-shaped tensors: \['model\.layers\.4\.eh_proj\.weight: checkpoint \[64, 64\], model \[64, 128\]'\]"),
-], ids=["one_tensor", "one_module", "embedding_only", "extra_module", "mis_shaped"])
+    # the embedding's copy is skipped under an MTP layer only: under a decoder layer it is unexpected
+    (lambda t: t.__setitem__("model.layers.1.embed_tokens.weight", t["model.layers.4.embed_tokens.weight"].clone()),
+     r"unexpected tensors: \['model\.layers\.1\.embed_tokens\.weight'\]"),
+], ids=["one_tensor", "one_module", "embedding_only", "extra_module", "mis_shaped", "embedding_under_decoder"])
 def test_partly_stored_mtp_modules_are_refused_by_name(tmp_path, edit, match):
     assert CASE.official["num_hidden_layers"] == 4 and CASE.official["num_mtp_modules"] == 2  # names below
     root = _tampered(tmp_path / "release", edit)
