@@ -197,3 +197,18 @@ def test_cpu_decoding_rows_go_through_matvec_and_equal_the_loop(transposed, inte
         del experts.matvec_rows
     experts(x.requires_grad_(True), idx, w).float().sum().backward()  # autograd: the loop
     assert not any(calls) and x.grad is not None
+
+
+@pytest.mark.parametrize("transposed,interleaved", [(False, False), (True, True)])
+def test_cpu_decoding_with_weights_in_another_dtype_casts_them_as_the_grouped_path_does(transposed, interleaved):
+    """fp32 experts fed bf16 activations (prefill's grouped path casts the weights to the activations' dtype):
+    a decoded token gives the bits of the experts cast to bf16, and its dtype, instead of a dtype error."""
+    experts = _seeded_experts(torch.float32, transposed, interleaved, bias=False)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    idx = torch.randperm(16)[:4][None]
+    w = torch.rand(1, 4, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        mixed = experts(x, idx, w)
+        cast = _seeded_experts(torch.bfloat16, transposed, interleaved, bias=False)(x, idx, w)
+    assert mixed.dtype == torch.bfloat16
+    assert torch.equal(mixed, cast)

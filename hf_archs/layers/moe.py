@@ -204,9 +204,14 @@ class Experts(nn.Module):
         order = sorted(range(n), key=flat.__getitem__)  # stable: forward's argsort order
         gate_up_w = self.gate_up_proj.transpose(1, 2) if self.transposed else self.gate_up_proj  # [E, 2I, H]
         down_w = self.down_proj.transpose(1, 2) if self.transposed else self.down_proj  # [E, H, I]
+        same = gate_up_w.dtype == x.dtype  # else each used expert cast to the activations' dtype, as `_grouped` does
+
+        def weight(w: torch.Tensor, e: int) -> torch.Tensor:
+            return w[e] if same else w[e].to(x.dtype)
+
         gate_up = x.new_empty(n, gate_up_w.shape[1])
         for row, j in enumerate(order):
-            torch.mv(gate_up_w[flat[j]], x[j // k], out=gate_up[row])
+            torch.mv(weight(gate_up_w, flat[j]), x[j // k], out=gate_up[row])
         experts = torch.tensor([flat[j] for j in order])
         if self.gate_up_proj_bias is not None:
             gate_up = gate_up + self.gate_up_proj_bias[experts]
@@ -214,7 +219,7 @@ class Experts(nn.Module):
         hidden = self.glu(gate, up).to(x.dtype)
         out = x.new_empty(n, down_w.shape[1])
         for row, j in enumerate(order):
-            torch.mv(down_w[flat[j]], hidden[row], out=out[row])
+            torch.mv(weight(down_w, flat[j]), hidden[row], out=out[row])
         if self.down_proj_bias is not None:
             out = out + self.down_proj_bias[experts]
         order_t = torch.tensor(order)
