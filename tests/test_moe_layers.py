@@ -200,13 +200,17 @@ def test_cpu_decoding_rows_go_through_matvec_and_equal_the_loop(transposed, inte
 
 
 @pytest.mark.parametrize("transposed,interleaved", [(False, False), (True, True)])
-def test_cpu_decoding_with_weights_in_another_dtype_casts_them_as_the_grouped_path_does(transposed, interleaved):
-    """fp32 experts fed bf16 activations (prefill's grouped path casts the weights to the activations' dtype):
-    a decoded token gives the bits of the experts cast to bf16, and its dtype, instead of a dtype error."""
+@pytest.mark.parametrize("routing", ["matvec", "loop"])
+def test_weights_in_another_dtype_are_cast_as_the_grouped_path_does(transposed, interleaved, routing):
+    """fp32 experts fed bf16 activations (prefill's grouped path casts the weights to the activations' dtype): a
+    decoded token (matrix-vector path) and two tokens sharing one expert of 16 (the loop) give the bits of the
+    experts cast to bf16, and its dtype, instead of a dtype error."""
     experts = _seeded_experts(torch.float32, transposed, interleaved, bias=False)
-    x = torch.randn(1, 64, dtype=torch.bfloat16)
-    idx = torch.randperm(16)[:4][None]
-    w = torch.rand(1, 4, dtype=torch.bfloat16)
+    if routing == "matvec":
+        x, idx = torch.randn(1, 64, dtype=torch.bfloat16), torch.randperm(16)[:4][None]
+    else:
+        x, idx = torch.randn(2, 64, dtype=torch.bfloat16), torch.tensor([[5], [5]])
+    w = torch.rand(*idx.shape, dtype=torch.bfloat16)
     with torch.inference_mode():
         mixed = experts(x, idx, w)
         cast = _seeded_experts(torch.bfloat16, transposed, interleaved, bias=False)(x, idx, w)

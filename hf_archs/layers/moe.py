@@ -121,6 +121,7 @@ class Experts(nn.Module):
         nn.init.normal_(self.down_proj, std=0.02)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)  # as `_grouped` casts them
         return (x @ weight if self.transposed else F.linear(x, weight)) + (0 if bias is None else bias)
 
     def expert_forward(self, x: torch.Tensor, e: int) -> torch.Tensor:
