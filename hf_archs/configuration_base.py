@@ -36,6 +36,12 @@ class DecoderConfigMixin:
 
     allowed_layer_types: tuple[str, ...] = ("full_attention",)
 
+    def check_mtp(self, count_field: str = "num_nextn_predict_layers") -> None:
+        """Raise `ConfigError` unless the MTP module count (`count_field`) and `mtp_loss_weight` are >= 0."""
+        count = getattr(self, count_field)
+        if count < 0 or self.mtp_loss_weight < 0:
+            raise ConfigError(f"{count_field} ({count}) and mtp_loss_weight ({self.mtp_loss_weight}) must be >= 0")
+
     def check_decoder(self, head_dim_given: bool = True) -> None:
         """Raise `ConfigError` naming the field for shapes that cannot build a model."""
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):

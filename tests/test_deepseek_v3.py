@@ -50,7 +50,8 @@ def test_softmax_scale_matches_transformers_yarn_mscale():
     ("scoring_func", "softmax", "scoring_func='softmax' with topk_method='noaux_tc' is not supported"),
     ("q_lora_rank", 0, "q_lora_rank must be a positive integer or null, got 0"),
     ("qk_rope_head_dim", 63, "qk_rope_head_dim must be even"),
-    ("num_nextn_predict_layers", -1, "num_nextn_predict_layers must be >= 0"),
+    ("num_nextn_predict_layers", -1, r"num_nextn_predict_layers \(-1\) and mtp_loss_weight \(0\.1\) must be >= 0"),
+    ("mtp_loss_weight", -0.5, r"num_nextn_predict_layers \(1\) and mtp_loss_weight \(-0\.5\) must be >= 0"),
 ])
 def test_bad_values_are_refused_by_name(field, value, message):
     with pytest.raises(hf_archs.ConfigError, match=message):

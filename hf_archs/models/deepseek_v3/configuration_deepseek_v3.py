@@ -134,10 +134,7 @@ class HfaDeepseekV3Config(DecoderConfigMixin, PreTrainedConfig):
         positive("q_lora_rank", allow_none=True)
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
-        if self.num_nextn_predict_layers < 0:
-            raise ConfigError(f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
-        if self.mtp_loss_weight < 0:
-            raise ConfigError(f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
+        self.check_mtp()
         if self.aux_loss_alpha < 0:
             raise ConfigError(f"aux_loss_alpha (the balance loss's weight) must be >= 0, got {self.aux_loss_alpha}")
         if len(self.mlp_layer_types) != self.num_hidden_layers or set(self.mlp_layer_types) - {"sparse", "dense"}:

@@ -100,9 +100,7 @@ class HfaGlm4MoeConfig(DecoderConfigMixin, PreTrainedConfig):
         if len(self.mlp_layer_types) != self.num_hidden_layers or set(self.mlp_layer_types) - {"sparse", "dense"}:
             raise ConfigError(f"mlp_layer_types must list 'sparse' or 'dense' for each of the "
                               f"{self.num_hidden_layers} layers, got {self.mlp_layer_types}")
-        if self.num_nextn_predict_layers < 0 or self.mtp_loss_weight < 0:
-            raise ConfigError(f"num_nextn_predict_layers ({self.num_nextn_predict_layers}) and mtp_loss_weight "
-                              f"({self.mtp_loss_weight}) must be >= 0")
+        self.check_mtp()
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds n_routed_experts "
                               f"({self.n_routed_experts})")

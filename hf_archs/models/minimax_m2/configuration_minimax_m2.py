@@ -103,9 +103,7 @@ class HfaMiniMaxM2Config(DecoderConfigMixin, PreTrainedConfig):
         if self.shared_intermediate_size:
             raise ConfigError(f"shared_intermediate_size must be 0 (MiniMax-M2 has no shared expert), got "
                               f"{self.shared_intermediate_size}")
-        if self.num_mtp_modules < 0 or self.mtp_loss_weight < 0:
-            raise ConfigError(f"num_mtp_modules ({self.num_mtp_modules}) and mtp_loss_weight "
-                              f"({self.mtp_loss_weight}) must be >= 0")
+        self.check_mtp("num_mtp_modules")
         if self.num_mtp_modules and self.mtp_transformer_layers != 1:
             raise ConfigError(f"mtp_transformer_layers must be 1 (one decoder layer per MTP module, as vllm-rbln's "
                               f"minimax_m2_mtp.py builds it), got {self.mtp_transformer_layers}")

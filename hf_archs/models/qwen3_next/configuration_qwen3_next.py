@@ -135,10 +135,7 @@ class HfaQwen3NextConfig(DecoderConfigMixin, PreTrainedConfig):
         if self.num_experts_per_tok > self.num_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
                               f"({self.num_experts})")
-        if self.num_nextn_predict_layers < 0:
-            raise ConfigError(f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
-        if self.mtp_loss_weight < 0:
-            raise ConfigError(f"mtp_loss_weight must be >= 0, got {self.mtp_loss_weight}")
+        self.check_mtp()
 
 
 __all__ = ["HfaQwen3NextConfig"]
