@@ -210,17 +210,17 @@ class Experts(nn.Module):
         def weight(w: torch.Tensor, e: int) -> torch.Tensor:
             return w[e] if same else w[e].to(x.dtype)
 
+        experts = [flat[j] for j in order]  # of each row
         gate_up = x.new_empty(n, gate_up_w.shape[1])
-        for row, j in enumerate(order):
-            torch.mv(weight(gate_up_w, flat[j]), x[j // k], out=gate_up[row])
-        experts = torch.tensor([flat[j] for j in order])
+        for row, (j, e) in enumerate(zip(order, experts)):
+            torch.mv(weight(gate_up_w, e), x[j // k], out=gate_up[row])
         if self.gate_up_proj_bias is not None:
             gate_up = gate_up + self.gate_up_proj_bias[experts]
         gate, up = (gate_up[:, 0::2], gate_up[:, 1::2]) if self.interleaved else gate_up.chunk(2, dim=-1)
         hidden = self.glu(gate, up).to(x.dtype)
         out = x.new_empty(n, down_w.shape[1])
-        for row, j in enumerate(order):
-            torch.mv(weight(down_w, flat[j]), hidden[row], out=out[row])
+        for row, e in enumerate(experts):
+            torch.mv(weight(down_w, e), hidden[row], out=out[row])
         if self.down_proj_bias is not None:
             out = out + self.down_proj_bias[experts]
         order_t = torch.tensor(order)
