@@ -12,6 +12,14 @@ from cases import SEQ_LEN, Case
 import hf_archs
 
 
+def needs(architecture: str) -> None:
+    """Every architecture is registered and importable here: a failure to build one fails the test, naming why."""
+    from hf_archs.presets import unavailable_reason
+
+    reason = unavailable_reason(architecture)
+    assert reason is None, reason
+
+
 def load_bench(name: str) -> ModuleType:
     """bench/<name>.py as a module (bench/ is not a package)."""
     path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"

@@ -8,22 +8,26 @@ import json
 
 import pytest
 import torch
+from helpers import needs
 
 import hf_archs
 from hf_archs.cli import main
-from hf_archs.compare import (CONVENTIONS, attention_flops, cache_bytes, compare, compare_config, count_params,
-                              format_rows, meta_model, plot)
+from hf_archs.compare import (
+    CONVENTIONS,
+    attention_flops,
+    cache_bytes,
+    compare,
+    compare_config,
+    count_params,
+    format_rows,
+    meta_model,
+    plot,
+)
 from hf_archs.layers.moe import Experts
-from hf_archs.presets import get_preset, preset, unavailable_reason
+from hf_archs.presets import get_preset, preset
 from hf_archs.tour import tiny_config
 
 ARCHS = sorted(hf_archs.ARCHITECTURES)
-
-
-def needs(architecture: str) -> None:
-    """Every architecture is registered and importable here: a failure to build one fails the test, naming why."""
-    reason = unavailable_reason(architecture)
-    assert reason is None, reason
 
 
 def row(name: str) -> dict:

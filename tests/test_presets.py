@@ -6,10 +6,18 @@ import dataclasses
 import json
 
 import pytest
+from helpers import needs
 
 import hf_archs
-from hf_archs.presets import (PRESET_DIR, PresetError, all_presets, get_preset, preset, preset_names,
-                              skipped_presets, unavailable_reason)
+from hf_archs.presets import (
+    PRESET_DIR,
+    PresetError,
+    all_presets,
+    get_preset,
+    preset,
+    preset_names,
+    skipped_presets,
+)
 
 ALL = list(all_presets())
 
@@ -18,12 +26,6 @@ EXPECTED = {"qwen3-0.6b", "qwen3-8b", "qwen3-32b", "qwen3-30b-a3b", "qwen3-235b-
             "olmo-2-32b", "gemma-3-27b", "gemma-3n-e2b", "gemma-3n-e4b", "mistral-small-3.1-24b", "llama-4-scout",
             "llama-4-maverick", "deepseek-v3", "kimi-k2", "gpt-oss-20b", "gpt-oss-120b", "grok-2", "glm-4.5",
             "glm-4.5-air", "qwen3-next-80b-a3b", "minimax-m2", "kimi-linear-48b-a3b"}
-
-
-def needs(architecture: str) -> None:
-    """Every architecture is registered and importable here: a failure to build one fails the test, naming why."""
-    reason = unavailable_reason(architecture)
-    assert reason is None, reason
 
 
 def decoder_json(name: str) -> dict:

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from helpers import needs
 
 import hf_archs
 from hf_archs.cli import main
-from hf_archs.presets import unavailable_reason
 from hf_archs.tour import TINY, encode, run_tour, split_text, tiny_config, tour_text
 
 ARCHS = sorted(hf_archs.ARCHITECTURES)
@@ -20,8 +20,7 @@ REDUCED = ["qwen3", "gemma3", "qwen3_moe"]
 
 @pytest.mark.parametrize("name", ARCHS)
 def test_tiny_config_is_tiny_and_keeps_every_block(name):
-    reason = unavailable_reason(name)
-    assert reason is None, reason
+    needs(name)
     arch = hf_archs.ARCHITECTURES[name]
     flagship, tiny = arch.config_class(), tiny_config(arch)
     assert set(tiny.layer_types) == set(flagship.layer_types)
